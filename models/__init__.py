@@ -1,0 +1,1 @@
+"""svd-serve models package."""

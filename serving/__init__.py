@@ -1,0 +1,1 @@
+"""svd-serve serving package."""

@@ -1,0 +1,73 @@
+"""One error hierarchy; `serving.ingress.problems` maps it to HTTP in one place."""
+
+from __future__ import annotations
+
+
+class SvdServeError(Exception):
+    """Base of every error we raise on purpose. `code` is stable and part of the API."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidInput(SvdServeError):
+    """The client sent something we will not run (4xx, nothing stored)."""
+
+    code = "invalid_input"
+    status = 422
+
+
+class NotFound(SvdServeError):
+    code = "not_found"
+    status = 404
+
+
+class Unauthorized(SvdServeError):
+    code = "unauthorized"
+    status = 401
+
+
+class Conflict(SvdServeError):
+    code = "conflict"
+    status = 409
+
+
+class CapacityError(SvdServeError):
+    """No capacity right now (queue full, service saturated); the client may retry later."""
+
+    code = "capacity"
+    status = 503
+
+
+class RetryableError(SvdServeError):
+    """A job failed in a way that another attempt may fix (worker lost, transient I/O)."""
+
+    code = "retryable"
+    status = 503
+
+
+class PermanentError(SvdServeError):
+    """A job failed in a way that retrying will not fix."""
+
+    code = "generation_failed"
+    status = 500
+
+
+class JobCanceled(SvdServeError):
+    """Raised inside a running job when its cancel flag is seen."""
+
+    code = "canceled"
+    status = 409
+
+
+class InvalidTransition(SvdServeError):
+    """A job state change that the state machine refuses."""
+
+    code = "invalid_transition"
+    status = 409

@@ -1,0 +1,114 @@
+"""One settings object, built at start-up and passed down (never read at import time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER = "changeme"
+
+
+class Settings(BaseSettings):
+    """svd-serve configuration. Every field can be set as `SVD_SERVE_<NAME>` or in `.env`;
+    secrets may also be files named after the field in `secrets_dir`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SVD_SERVE_",
+        env_file=".env",
+        extra="ignore",
+        secrets_dir=None,
+    )
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".svd-serve")
+
+    # HTTP ingress
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_base_url: str | None = None  # how clients reach the ingress; default http://host:port
+    max_upload_bytes: int = 20 * 1024 * 1024
+    # API keys: "owner:key,owner2:key2". Empty in development means no auth (owner "local").
+    api_keys: SecretStr = SecretStr("")
+    url_signing_secret: SecretStr = SecretStr(PLACEHOLDER)
+
+    # Job store; default: SQLite file under data_dir
+    database_url: str | None = None
+
+    # Queue / events. REDIS_URL (unprefixed) is honoured too, see `redis_url_env`.
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    queue_name: str = "svd-jobs"
+    key_prefix: str = "svd"
+    job_attempts: int = 3
+    job_backoff_ms: int = 5000
+
+    # Object storage
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None  # default: data_dir/storage
+    s3_bucket: str = "svd-serve"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    presign_ttl_s: int = 3600
+
+    # Models / GPU execution
+    default_model: str = "tiny-random"
+    models_dir: Path | None = None  # local weights; default data_dir/models
+    offline: bool = False
+    device: str = "auto"  # auto|cuda|cpu
+    ray_address: str | None = None  # None: start a local Ray
+    ray_num_cpus: int | None = None
+    generator_num_gpus: float = 0.0  # set 1 on GPU nodes
+    serve_app_name: str = "svd-serve"
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> "Settings":
+        if self.environment == "production":
+            if self.url_signing_secret.get_secret_value() in ("", PLACEHOLDER):
+                raise ValueError("SVD_SERVE_URL_SIGNING_SECRET must be set in production")
+            if not self.api_keys.get_secret_value():
+                raise ValueError("SVD_SERVE_API_KEYS must be set in production")
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'svd-serve.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "storage").resolve()
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return (self.models_dir or self.data_dir / "models").resolve()
+
+    @property
+    def resolved_public_base_url(self) -> str:
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def api_key_owners(self) -> dict[str, str]:
+        """Map of API key -> owner id."""
+        owners: dict[str, str] = {}
+        raw = self.api_keys.get_secret_value().strip()
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            owner, sep, key = item.partition(":")
+            if not sep or not owner or not key:
+                raise ValueError("SVD_SERVE_API_KEYS entries must look like owner:key")
+            owners[key] = owner
+        return owners
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, `.env` and `SVD_SERVE_SECRETS_DIR`."""
+    import os
+
+    secrets_dir = os.environ.get("SVD_SERVE_SECRETS_DIR")
+    if secrets_dir:
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,140 @@
+"""The messages that the ingress, the dispatcher and the Ray deployments exchange.
+
+Nothing else crosses those seams: the ingress writes a `JobParams` into the jobs row and a
+`QueuedJob` into the queue; the dispatcher sends a `GenerationRequest` to the Generator, gets a
+`GenerationResult`, sends a `PostProcessRequest` to the PostProcessor and gets `PostProcessResult`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    ERROR = "error"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELED})
+
+# The only moves a job may make; `serving.db.jobs.transition` enforces them.
+ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.PROCESSING, JobStatus.CANCELED, JobStatus.ERROR}),
+    # processing -> queued: the attempt failed in a retryable way and the queue will retry it.
+    JobStatus.PROCESSING: frozenset(
+        {JobStatus.QUEUED, JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELED}
+    ),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.ERROR: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+
+
+class Priority(str, enum.Enum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def queue_priority(self) -> int:
+        """BullMQ priority: every job gets one (an unprioritized job would jump the queue)."""
+        return {Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}[self]
+
+
+class Stage(str, enum.Enum):
+    QUEUED = "queued"
+    LOADING = "loading"
+    DENOISING = "denoising"
+    DECODING = "decoding"
+    ENCODING = "encoding"
+    UPLOADING = "uploading"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """Validated generation parameters of one job, as stored in the jobs row (`params`)."""
+
+    model: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    num_inference_steps: int
+    seed: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    decode_chunk_size: int | None = None
+    outputs: tuple[str, ...] = ("mp4", "thumbnail")
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["outputs"] = list(self.outputs)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "JobParams":
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "outputs" in values:
+            values["outputs"] = tuple(values["outputs"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """What the queue carries: only a reference; the jobs row is the system of record."""
+
+    job_id: str
+    owner_id: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    job_id: str
+    image_key: str  # object-store key of the input image
+    params: JobParams
+
+
+@dataclass
+class GenerationResult:
+    job_id: str
+    frames: np.ndarray  # uint8, (num_frames, height, width, 3)
+    gpu_seconds: float
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PostProcessRequest:
+    job_id: str
+    owner_id: str
+    fps: int
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    name: str  # "video.mp4", "thumbnail.jpg"
+    key: str  # object-store key
+    content_type: str
+    size: int
+
+
+@dataclass
+class PostProcessResult:
+    job_id: str
+    objects: dict[str, StoredObject]  # by output kind: "mp4", "thumbnail"
+    timings: dict[str, float] = field(default_factory=dict)
