@@ -1,0 +1,118 @@
+"""The `jobs` table as a typed SQLAlchemy model; `serving/migrations` creates exactly this."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Deterministic constraint/index names, so migrations can refer to them on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSONB on PostgreSQL (indexable, compact), plain JSON text on SQLite.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp that is always stored in UTC and always read back tz-aware.
+
+    SQLite keeps no offset, so without this a value would come back naive; normalising to UTC
+    on the way in also keeps SQLite's text timestamps correctly ordered for cursor paging.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC timestamp column")
+        return value.astimezone(dt.timezone.utc)
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Job(Base):
+    """One image-to-video job: the system of record for its status, progress and outputs."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # Idempotency-Key is scoped to its owner; NULL keys never collide (both databases).
+        UniqueConstraint("owner_id", "idempotency_key"),
+        Index(None, "owner_id", "status"),
+        # Keyset paging of an owner's jobs, newest first.
+        Index(None, "owner_id", "created_at", "id"),
+        Index(None, "input_hash"),
+    )
+
+    # Native uuid on PostgreSQL, CHAR(32) on SQLite; Python sees the canonical string.
+    id: Mapped[str] = mapped_column(Uuid(as_uuid=False), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(String(128))
+    prompt: Mapped[str | None] = mapped_column(Text)
+    image_url: Mapped[str] = mapped_column(Text)  # storage URI of the input image
+    status: Mapped[str] = mapped_column(String(16))
+    provider: Mapped[str] = mapped_column(String(32), server_default=text("'local'"))
+    provider_job_id: Mapped[str | None] = mapped_column(String(128))
+    result_url: Mapped[str | None] = mapped_column(Text)  # storage URI; the API presigns it
+    thumbnail_url: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("3"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    model: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(8), server_default=text("'normal'"))
+    progress: Mapped[float] = mapped_column(Float, server_default=text("0"))
+    stage: Mapped[str] = mapped_column(String(32), server_default=text("'queued'"))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    input_hash: Mapped[str | None] = mapped_column(String(128))
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    timings: Mapped[dict[str, float]] = mapped_column(JSONType)  # stage -> seconds
+    gpu_seconds: Mapped[float | None] = mapped_column(Float)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+
+
+def new_job_id() -> str:
+    """A fresh job id in the canonical form the store uses."""
+    return str(uuid.uuid4())
