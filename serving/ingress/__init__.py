@@ -1,0 +1,1 @@
+"""HTTP ingress: FastAPI app, its own process (`svd-serve api`)."""

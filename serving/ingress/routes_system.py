@@ -1,0 +1,91 @@
+"""Health, readiness, metrics, models and local object downloads."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from models.registry import list_specs
+from serving.db.migrate import check_migrated
+from serving.errors import NotFound, SvdServeError
+from serving.ingress.deps import ServicesDep
+from serving.ingress.problems import problem
+from serving.ingress.schemas import ModelInfo, ModelListResponse
+from serving.storage import LocalStorage
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["system"])
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["system"])
+async def readyz(services: ServicesDep) -> Response:
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(services.redis.ping(), timeout=2)
+        checks["redis"] = "ok"
+    except Exception as exc:  # readiness reports, it does not raise
+        checks["redis"] = f"error: {type(exc).__name__}"
+    try:
+        await asyncio.wait_for(check_migrated(services.engine), timeout=5)
+        checks["database"] = "ok"
+    except SvdServeError as exc:
+        checks["database"] = f"error: {exc.code}"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    return problem(503, "not_ready", "A dependency is unavailable.", checks=checks)
+
+
+@router.get("/metrics", tags=["system"])
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/v1/models", response_model=ModelListResponse, response_model_by_alias=True, tags=["models"])
+async def models(services: ServicesDep) -> ModelListResponse:
+    infos = [
+        ModelInfo(
+            name=s.name,
+            hub_id=s.hub_id,
+            description=s.description,
+            random_weights=s.is_random,
+            native_width=s.native_width,
+            native_height=s.native_height,
+            default_num_frames=s.default_num_frames,
+            num_frames_range=(s.min_num_frames, s.max_num_frames),
+            default_steps=s.default_steps,
+            steps_range=(s.min_steps, s.max_steps),
+            size_range=(s.min_size, s.max_size),
+            default_fps=s.default_fps,
+        )
+        for s in list_specs()
+    ]
+    return ModelListResponse(models=infos, default=services.settings.default_model)
+
+
+@router.get("/files/{key:path}", tags=["files"], include_in_schema=False)
+async def local_file(
+    key: str, services: ServicesDep, expires: int = Query(...), signature: str = Query(...)
+) -> FileResponse:
+    storage = services.storage
+    if not isinstance(storage, LocalStorage) or not storage.verify(key, expires, signature):
+        raise NotFound("No such file, or the link has expired.")
+    try:
+        path = storage.path(key)
+    except ValueError:
+        raise NotFound("No such file, or the link has expired.") from None
+    if not path.is_file():
+        raise NotFound("No such file, or the link has expired.")
+    return FileResponse(
+        path,
+        media_type=storage.content_type(key),
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300"},
+    )

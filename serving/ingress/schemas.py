@@ -1,0 +1,107 @@
+"""Request and response bodies of the public API (camelCase on the wire)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from serving.types import JobStatus, Priority
+
+OutputKind = Literal["mp4", "thumbnail"]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class AnimateOptions(ApiModel):
+    """Everything but the image itself; the same fields arrive as JSON or multipart form fields."""
+
+    prompt: str | None = Field(default=None, max_length=2000)
+    model: str | None = None
+    num_frames: int | None = None
+    fps: int | None = Field(default=None, ge=1, le=60)
+    motion_bucket_id: int | None = Field(default=None, ge=0, le=1023)
+    noise_aug_strength: float | None = Field(default=None, ge=0.0, le=1.0)
+    num_inference_steps: int | None = None
+    min_guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    max_guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    width: int | None = None
+    height: int | None = None
+    outputs: list[OutputKind] | None = None
+    priority: Priority = Priority.NORMAL
+    provider: Literal["local", "auto"] = "auto"
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    metadata: dict[str, Any] | None = None
+
+
+class AnimateJsonBody(AnimateOptions):
+    image_url: str | None = Field(default=None, max_length=4096)
+    image_base64: str | None = None
+
+
+class AcceptedResponse(ApiModel):
+    job_id: str
+    status: JobStatus
+    status_url: str
+    events_url: str
+
+
+class ErrorInfo(ApiModel):
+    code: str
+    message: str
+
+
+class JobStatusResponse(ApiModel):
+    job_id: str
+    status: JobStatus
+    progress: float
+    stage: str | None
+    queue_position: int | None
+    attempts: int
+    provider: str
+    provider_job_id: str | None
+    model: str
+    prompt: str | None
+    params: dict[str, Any]
+    result_url: str | None
+    thumbnail_url: str | None
+    outputs: dict[str, str]
+    error: ErrorInfo | None
+    timings: dict[str, float]
+    gpu_seconds: float | None
+    cost_usd: float | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    metadata: dict[str, Any]
+
+
+class JobListResponse(ApiModel):
+    jobs: list[JobStatusResponse]
+    next_cursor: str | None
+
+
+class ModelInfo(ApiModel):
+    name: str
+    hub_id: str | None
+    description: str
+    random_weights: bool
+    native_width: int
+    native_height: int
+    default_num_frames: int
+    num_frames_range: tuple[int, int]
+    default_steps: int
+    steps_range: tuple[int, int]
+    size_range: tuple[int, int]
+    default_fps: int
+
+
+class ModelListResponse(ApiModel):
+    models: list[ModelInfo]
+    default: str

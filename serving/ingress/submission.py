@@ -1,0 +1,104 @@
+"""Accepting a job: store the input, write the row, enqueue. All or nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+
+import structlog
+
+from serving.db.errors import DuplicateIdempotencyKey
+from serving.db.jobs import JobRecord
+from serving.errors import CapacityError, Conflict, InvalidTransition, NotFound
+from serving.ingress.deps import Services
+from serving.ingress.image_input import Submission
+from serving.ingress.validation import check_image, resolve_params
+from serving.types import JobStatus, QueuedJob
+
+log = structlog.get_logger(__name__)
+
+
+def input_key(owner_id: str, job_id: str, extension: str) -> str:
+    return f"{owner_id}/{job_id}/input.{extension}"
+
+
+def _input_hash(image: bytes, params: dict[str, object]) -> str:
+    digest = hashlib.sha256(image)
+    digest.update(json.dumps(params, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+async def submit_job(
+    services: Services, owner_id: str, submission: Submission, idempotency_key: str | None
+) -> tuple[JobRecord, bool]:
+    """Validate, then store, record and enqueue. Returns (job, created). Any failure after the
+    first write undoes what was written, so a refused or failed submission leaves nothing."""
+    params = resolve_params(submission.options, services.settings.default_model)
+    image = check_image(submission.image_bytes)
+    if idempotency_key:
+        existing = await services.jobs.find_by_idempotency_key(owner_id, idempotency_key)
+        if existing is not None:
+            return existing, False
+
+    job_id = str(uuid.uuid4())
+    key = input_key(owner_id, job_id, image.extension)
+    options = submission.options
+    await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
+    try:
+        record = await services.jobs.create(
+            job_id=job_id,
+            owner_id=owner_id,
+            image_url=services.storage.uri(key),
+            params=params.to_json(),
+            model=params.model,
+            priority=options.priority.value,
+            prompt=options.prompt,
+            metadata=options.metadata or {},
+            webhook_url=options.webhook_url,
+            idempotency_key=idempotency_key,
+            input_hash=_input_hash(image.data, params.to_json()),
+            max_attempts=services.settings.job_attempts,
+        )
+    except DuplicateIdempotencyKey as exc:
+        # A concurrent request with the same key won the race: answer with its job.
+        await asyncio.to_thread(services.storage.delete, key)
+        return exc.existing, False
+    except BaseException:
+        await asyncio.to_thread(services.storage.delete, key)
+        raise
+    try:
+        await services.queue.add(
+            QueuedJob(job_id=job_id, owner_id=owner_id),
+            priority=options.priority,
+            attempts=services.settings.job_attempts,
+            backoff_ms=services.settings.job_backoff_ms,
+        )
+    except Exception as exc:
+        log.error("enqueue_failed", job_id=job_id, error=repr(exc))
+        await services.jobs.delete(job_id)
+        await asyncio.to_thread(services.storage.delete, key)
+        raise CapacityError("The job queue is unavailable; try again shortly.", code="queue_unavailable") from exc
+    log.info("job_accepted", job_id=job_id, owner_id=owner_id, model=params.model, source=submission.source)
+    return record, True
+
+
+async def cancel_job(services: Services, owner_id: str, job_id: str) -> JobRecord:
+    """Queued jobs leave the queue and never run; running jobs stop at their next denoising step."""
+    record = await services.jobs.get(job_id, owner_id=owner_id)
+    if record is None:
+        raise NotFound(f"Job {job_id} was not found.")
+    if record.status.terminal:
+        raise Conflict(f"Job {job_id} is already {record.status.value}.", code="job_finished")
+    # Set the flag first: a worker that picks the job up in between sees it before it starts.
+    await services.redis.set(services.keys.cancel(job_id), "1", ex=24 * 3600)
+    if record.status is JobStatus.QUEUED:
+        await services.queue.remove(job_id)
+    try:
+        return await services.jobs.transition(job_id, JobStatus.CANCELED, stage="canceled")
+    except InvalidTransition:
+        # It finished in the meantime: that outcome stands.
+        current = await services.jobs.get(job_id, owner_id=owner_id)
+        state = current.status.value if current else "finished"
+        raise Conflict(f"Job {job_id} is already {state}.", code="job_finished") from None
