@@ -102,6 +102,26 @@ class QueuedJob:
 
 
 @dataclass(frozen=True)
+class RenderJob:
+    """One job as a backend sees it: everything needed to produce its outputs."""
+
+    job_id: str
+    owner_id: str
+    image_key: str
+    params: JobParams
+
+
+@dataclass
+class RenderOutcome:
+    """What a backend hands back: stored outputs, cost basis and timings."""
+
+    objects: dict[str, StoredObject]
+    gpu_seconds: float
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     job_id: str
     image_key: str  # object-store key of the input image
@@ -129,6 +149,7 @@ class PostProcessRequest:
 class StoredObject:
     name: str  # "video.mp4", "thumbnail.jpg"
     key: str  # object-store key
+    uri: str  # storage URI kept in the jobs row (`local://...`, `s3://bucket/...`)
     content_type: str
     size: int
 

@@ -1,0 +1,147 @@
+"""The dispatcher's per-job logic, independent of Ray so it can be tested on its own.
+
+A job is leased from the queue, moved queued -> processing, rendered by a `VideoBackend`, then
+moved to exactly one terminal state. Every state change goes through `JobRepository.transition`,
+which refuses a second terminal state: a cancel that wins the race keeps the job canceled and the
+late outputs are discarded.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import redis.asyncio as aioredis
+import structlog
+
+from pipelines.errors import NonFiniteOutput
+from serving.backend import StageCallback, VideoBackend
+from serving.db.jobs import JobRecord, JobRepository
+from serving.errors import InvalidTransition, JobCanceled, NotFound, PermanentError, RetryableError
+from serving.keys import Keys
+from serving.queue import ConsumedJobInfo
+from serving.uris import key_from_uri
+from serving.types import JobParams, JobStatus, QueuedJob, RenderJob, RenderOutcome, Stage
+
+log = structlog.get_logger(__name__)
+
+STAGE_PROGRESS = {Stage.LOADING: 0.0, Stage.ENCODING: 0.92, Stage.UPLOADING: 0.97, Stage.DONE: 1.0}
+
+
+class JobRunner:
+    """Runs one leased job to a terminal state (or back to the queue for another attempt)."""
+
+    def __init__(self, jobs: JobRepository, backend: VideoBackend, redis: aioredis.Redis, keys: Keys) -> None:
+        self._jobs = jobs
+        self._backend = backend
+        self._redis = redis
+        self._keys = keys
+
+    async def handle(self, queued: QueuedJob, info: ConsumedJobInfo) -> None:
+        record = await self._jobs.get(queued.job_id)
+        if record is None:
+            log.warning("job_row_missing", job_id=queued.job_id)
+            return
+        if record.status.terminal:
+            log.info("job_already_final", job_id=record.id, status=record.status.value)
+            return
+        if await self._redis.exists(self._keys.cancel(record.id)):
+            await self._finish_canceled(record.id)
+            return
+        record = await self._start(record)
+        job = RenderJob(
+            job_id=record.id,
+            owner_id=record.owner_id,
+            image_key=key_from_uri(record.image_url),
+            params=JobParams.from_json(record.params),
+        )
+        log.info("job_started", job_id=record.id, owner_id=record.owner_id, attempt=info.attempt)
+        started = time.perf_counter()
+        try:
+            outcome = await self._backend.render(job, self._stage_callback(record.id))
+        except JobCanceled:
+            await self._finish_canceled(record.id)
+            return
+        except (PermanentError, NonFiniteOutput) as exc:
+            await self._fail(record.id, getattr(exc, "code", "generation_failed"), str(exc))
+            raise PermanentError(str(exc)) from exc
+        except Exception as exc:
+            if info.is_last_attempt:
+                await self._fail(record.id, "generation_failed", f"Failed after {info.attempt} attempts: {exc}")
+                raise PermanentError(str(exc)) from exc
+            log.warning("job_attempt_failed", job_id=record.id, attempt=info.attempt, error=repr(exc))
+            await self._requeue(record.id, exc)
+            raise RetryableError(str(exc)) from exc
+        await self._complete(record, job, outcome, time.perf_counter() - started)
+
+    async def _start(self, record: JobRecord) -> JobRecord:
+        if record.status is JobStatus.PROCESSING:
+            # The previous holder died mid-job and the queue handed the job to us: take it over.
+            await self._jobs.transition(record.id, JobStatus.QUEUED, stage="requeued")
+        queue_wait = (datetime.now(timezone.utc) - _aware(record.created_at)).total_seconds()
+        timings = {"queue_wait_s": round(queue_wait, 4)} if record.started_at is None else {}
+        return await self._jobs.transition(
+            record.id,
+            JobStatus.PROCESSING,
+            stage=Stage.LOADING.value,
+            progress=0.0,
+            attempts=record.attempts + 1,
+            timings=timings,
+        )
+
+    def _stage_callback(self, job_id: str) -> StageCallback:
+        async def on_stage(stage: Stage, progress: float) -> None:
+            await self._jobs.update_progress(job_id, progress=progress, stage=stage.value)
+            await self._redis.hset(self._keys.progress(job_id), mapping={"progress": progress, "stage": stage.value})
+
+        return on_stage
+
+    async def _complete(self, record: JobRecord, job: RenderJob, outcome: RenderOutcome, seconds: float) -> None:
+        mp4 = outcome.objects.get("mp4")
+        thumb = outcome.objects.get("thumbnail")
+        timings = {**outcome.timings, "processing_s": round(seconds, 4)}
+        total = (datetime.now(timezone.utc) - _aware(record.created_at)).total_seconds()
+        timings["total_s"] = round(total, 4)
+        try:
+            await self._jobs.transition(
+                record.id,
+                JobStatus.COMPLETED,
+                stage=Stage.DONE.value,
+                progress=1.0,
+                result_url=mp4.uri if mp4 else None,
+                thumbnail_url=thumb.uri if thumb else None,
+                gpu_seconds=outcome.gpu_seconds,
+                timings=timings,
+            )
+        except InvalidTransition:
+            # Canceled while we finished: the cancel is the visible outcome, so drop our outputs.
+            log.info("job_outputs_discarded", job_id=record.id)
+            await self._backend.discard(job)
+            return
+        log.info("job_completed", job_id=record.id, owner_id=record.owner_id, seconds=round(seconds, 3))
+
+    async def _finish_canceled(self, job_id: str) -> None:
+        try:
+            await self._jobs.transition(job_id, JobStatus.CANCELED, stage="canceled")
+        except (InvalidTransition, NotFound):
+            pass  # already canceled by the ingress (the usual case) or gone
+        log.info("job_canceled", job_id=job_id)
+
+    async def _fail(self, job_id: str, code: str, message: str) -> None:
+        try:
+            await self._jobs.transition(job_id, JobStatus.ERROR, error_code=code, error_message=message[:2000])
+        except InvalidTransition:
+            pass  # canceled meanwhile; that outcome stands
+        log.error("job_failed", job_id=job_id, code=code, error=message)
+
+    async def _requeue(self, job_id: str, exc: Exception) -> None:
+        try:
+            await self._jobs.transition(
+                job_id, JobStatus.QUEUED, stage="retrying", error_code="attempt_failed", error_message=str(exc)[:2000]
+            )
+        except InvalidTransition:
+            pass
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
