@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     key_prefix: str = "svd"
     job_attempts: int = 3
     job_backoff_ms: int = 5000
+    dispatcher_concurrency: int = 1  # jobs one dispatcher drives at once
+    lock_duration_ms: int = 30000  # queue lease; renewed while a job runs
 
     # Object storage
     storage_backend: Literal["local", "s3"] = "local"

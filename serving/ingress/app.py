@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,7 +20,7 @@ from serving.ingress.routes_system import router as system_router
 from serving.keys import Keys
 from serving.queue import JobQueue
 from serving.settings import Settings
-from serving.storage import make_storage
+from serving.storage import S3Storage, make_storage
 
 log = structlog.get_logger(__name__)
 
@@ -37,12 +38,15 @@ def create_app(settings: Settings) -> FastAPI:
             owners = settings.api_key_owners()
             if not owners:
                 log.warning("auth_disabled", reason="no API keys configured; every caller is owner 'local'")
+            storage = make_storage(settings)
+            if isinstance(storage, S3Storage):
+                await asyncio.to_thread(storage.ensure_bucket)
             app.state.services = Services(
                 settings=settings,
                 engine=engine,
                 jobs=JobRepository(make_session_factory(engine)),
                 queue=queue,
-                storage=make_storage(settings),
+                storage=storage,
                 redis=redis,
                 keys=Keys(settings.key_prefix),
                 api_key_owners=owners,

@@ -1,0 +1,180 @@
+"""The `svd-serve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from serving.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v is not None}
+    settings = load_settings(**overrides)
+    from serving.logs import configure_logging
+
+    configure_logging(settings.environment)
+    return settings
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from serving.db.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.resolved_database_url)
+    print(f"database migrated: {settings.resolved_database_url.split('@')[-1]}")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.ingress.app import create_app
+
+    settings = _settings(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from serving.worker.process import run_worker
+
+    run_worker(_settings(args))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from serving.local_stack import local_stack
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with local_stack(_settings(args)):
+        print("press Ctrl-C to stop", flush=True)
+        stop.wait()
+    return 0
+
+
+def _submit_fields(args: argparse.Namespace) -> dict[str, str]:
+    names = {"model": "model", "num_frames": "numFrames", "steps": "numInferenceSteps", "fps": "fps",
+             "seed": "seed", "width": "width", "height": "height", "priority": "priority", "prompt": "prompt"}
+    return {wire: str(getattr(args, attr)) for attr, wire in names.items() if getattr(args, attr) is not None}
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from serving.client import ApiClient
+
+    client = ApiClient(args.url, api_key=args.api_key)
+    accepted = client.submit(Path(args.image), _submit_fields(args))
+    print(json.dumps(accepted))
+    if not args.wait and not args.out:
+        return 0
+    status = client.wait(accepted["jobId"], timeout_s=args.timeout, echo=True)
+    if args.out:
+        out = Path(args.out)
+        client.download(status["resultUrl"], out)
+        print(f"video: {out}")
+        if status.get("thumbnailUrl"):
+            thumb = client.download(status["thumbnailUrl"], out.with_suffix(".jpg"))
+            print(f"thumbnail: {thumb}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the local stack, animate the bundled sample image, write MP4 + thumbnail, stop."""
+    from serving.client import ApiClient
+    from serving.local_stack import free_port, local_stack
+
+    settings = _settings(args)
+    if args.port is None:
+        settings = settings.model_copy(update={"port": free_port()})
+    sample = Path(__file__).parent / "assets" / "sample.png"
+    out = Path(args.out)
+    with local_stack(settings) as base:
+        client = ApiClient(base)
+        accepted = client.submit(sample, {"seed": "42"})
+        print(f"submitted {sample.name}: job {accepted['jobId']}", flush=True)
+        status = client.wait(accepted["jobId"], timeout_s=600, echo=True)
+        video = client.download(status["resultUrl"], out / "demo.mp4")
+        thumb = client.download(status["thumbnailUrl"], out / "demo.jpg")
+    print(f"video: {video.resolve()}\nthumbnail: {thumb.resolve()}\nmodel: {status['model']}")
+    if status["model"] == "tiny-random":
+        print("note: tiny-random has random weights; its video is noise, made to prove the pipeline end to end.")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import get_spec, list_specs
+
+    if args.models_command == "list":
+        for spec in list_specs():
+            label = " (random weights, for tests and demos)" if spec.is_random else ""
+            print(f"{spec.name:12} {spec.hub_id or '-':48} {spec.native_width}x{spec.native_height} "
+                  f"{spec.default_num_frames} frames{label}")
+        return 0
+    settings = _settings(args)
+    spec = get_spec(args.name)
+    if spec.hub_id is None:
+        print(f"{spec.name} is built locally on first use; nothing to download")
+        return 0
+    from huggingface_hub import snapshot_download
+
+    target = settings.resolved_models_dir / spec.name
+    snapshot_download(spec.hub_id, local_dir=target)
+    print(f"downloaded {spec.hub_id} to {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svd-serve", description="Self-hosted Stable Video Diffusion service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_bind(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--host", help="listen address (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="listen port (default 8000)")
+        return p
+
+    with_bind(sub.add_parser("up", help="run everything on this machine")).set_defaults(func=cmd_up)
+    with_bind(sub.add_parser("api", help="run the HTTP ingress")).set_defaults(func=cmd_api)
+    sub.add_parser("worker", help="deploy the Ray Serve app and run until stopped").set_defaults(func=cmd_worker)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    demo = with_bind(sub.add_parser("demo", help="run the stack, animate the sample image, stop"))
+    demo.add_argument("--out", default="demo-output", help="directory for demo.mp4 and demo.jpg")
+    demo.set_defaults(func=cmd_demo)
+
+    submit = sub.add_parser("submit", help="submit an image and optionally wait for the video")
+    submit.add_argument("image")
+    submit.add_argument("--url", default="http://127.0.0.1:8000")
+    submit.add_argument("--api-key")
+    submit.add_argument("--wait", action="store_true")
+    submit.add_argument("--out", help="download the MP4 here (implies --wait); the thumbnail goes beside it")
+    submit.add_argument("--timeout", type=float, default=600)
+    for name in ("model", "prompt", "priority"):
+        submit.add_argument(f"--{name}")
+    for name in ("num-frames", "steps", "fps", "seed", "width", "height"):
+        submit.add_argument(f"--{name}", type=int)
+    submit.set_defaults(func=cmd_submit)
+
+    models = sub.add_parser("models", help="list or download models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list")
+    download = models_sub.add_parser("download")
+    download.add_argument("name")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The GPU side: a queue-consuming Dispatcher, the Generator and the PostProcessor (Ray Serve)."""
