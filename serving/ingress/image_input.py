@@ -93,20 +93,25 @@ async def read_submission(request: Request, max_bytes: int) -> Submission:
 
 
 async def _read_multipart(request: Request, max_bytes: int) -> Submission:
-    form = await request.form(max_part_size=max_bytes)
-    upload = form.get("image")
-    fields = _form_to_dict(form)
-    has_url = bool(fields.pop("imageUrl", None) or fields.pop("imageBase64", None))
-    if upload is None or not isinstance(upload, UploadFile):
+    # The form owns spooled temp files: the context manager closes them whatever happens.
+    async with request.form(max_part_size=max_bytes) as form:
+        upload = form.get("image")
+        fields = _form_to_dict(form)
+        has_url = bool(fields.pop("imageUrl", None) or fields.pop("imageBase64", None))
+        if upload is None or not isinstance(upload, UploadFile):
+            if has_url:
+                raise InvalidInput(
+                    "Send `imageUrl` as JSON; multipart requests carry an `image` file.", code="invalid_image_source"
+                )
+            if not fields:
+                raise InvalidInput("The request body is empty: an `image` file is required.", code="empty_body")
+            raise InvalidInput("An `image` file is required.", code="missing_image")
         if has_url:
-            raise InvalidInput("Send `imageUrl` as JSON; multipart requests carry an `image` file.", code="invalid_image_source")
-        if not fields:
-            raise InvalidInput("The request body is empty: an `image` file is required.", code="empty_body")
-        raise InvalidInput("An `image` file is required.", code="missing_image")
-    if has_url:
-        raise InvalidInput("Send either an `image` file or `imageUrl`/`imageBase64`, not both.", code="invalid_image_source")
-    options = _parse_options(AnimateOptions, fields)
-    data = await upload.read(max_bytes + 1)
+            raise InvalidInput(
+                "Send either an `image` file or `imageUrl`/`imageBase64`, not both.", code="invalid_image_source"
+            )
+        options = _parse_options(AnimateOptions, fields)
+        data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"The image is larger than the {max_bytes}-byte limit.")
     return Submission(options=options, image_bytes=data, source="upload")

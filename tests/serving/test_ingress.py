@@ -140,6 +140,7 @@ async def test_accepts_json_image_url(ingress: Ingress) -> None:
         assert len(await ingress.stored_objects()) == 1
     finally:
         server.shutdown()
+        server.server_close()
 
 
 BAD_INPUTS = [
