@@ -45,7 +45,9 @@ class GenerationService:
         )
         self._pipelines: dict[str, VideoPipeline] = {}
         self._storage: ObjectStorage = make_storage(settings)
-        self._redis = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        if not settings.redis_url:
+            raise RuntimeError("REDIS_URL is not set: the generator reports progress through Redis.")
+        self._redis = redis.Redis.from_url(settings.redis_url)
         self._keys = Keys(settings.key_prefix)
 
     def warm_up(self, model: str) -> None:

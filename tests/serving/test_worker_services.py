@@ -1,0 +1,75 @@
+"""The Generator's and PostProcessor's work without Ray: tiny model, real Redis, local storage."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from serving.errors import JobCanceled
+from serving.keys import Keys
+from serving.settings import Settings
+from serving.storage import LocalStorage
+from serving.types import GenerationRequest, JobParams, PostProcessRequest
+from serving.worker.generation import GenerationService
+from serving.worker.postprocessing import PostProcessingService
+
+PARAMS = JobParams(
+    model="tiny-random", width=128, height=64, num_frames=5, fps=6, motion_bucket_id=127,
+    noise_aug_strength=0.02, num_inference_steps=3, seed=11, min_guidance_scale=1.0, max_guidance_scale=3.0,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str, unique_prefix: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        redis_url=redis_url,
+        key_prefix=unique_prefix,
+        models_dir=tmp_path_factory.getbasetemp() / "worker-models",
+    )
+
+
+@pytest.fixture
+def image_key(settings: Settings) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 50), (10, 200, 40)).save(buf, format="PNG")
+    storage = LocalStorage(settings.resolved_storage_dir, "http://x", "secret")
+    storage.put("o1/j1/input.png", buf.getvalue(), "image/png")
+    return "o1/j1/input.png"
+
+
+def test_generate_reports_every_step_to_redis(settings: Settings, image_key: str) -> None:
+    service = GenerationService(settings)
+    result = service.generate(GenerationRequest("j1", image_key, PARAMS))
+    assert result.frames.shape == (5, 64, 128, 3) and result.frames.dtype == np.uint8
+    assert result.gpu_seconds > 0 and result.device == "cpu"
+    progress = redis.Redis.from_url(settings.redis_url or "").hgetall(Keys(settings.key_prefix).progress("j1"))
+    assert int(progress[b"step"]) == int(progress[b"steps"]) == 3
+    assert progress[b"stage"] == b"denoising"
+
+
+def test_cancel_flag_stops_generation(settings: Settings, image_key: str) -> None:
+    client = redis.Redis.from_url(settings.redis_url or "")
+    client.set(Keys(settings.key_prefix).cancel("j2"), "1", ex=60)
+    with pytest.raises(JobCanceled):
+        GenerationService(settings).generate(GenerationRequest("j2", image_key, PARAMS))
+
+
+def test_postprocess_stores_video_and_thumbnail_then_discards(settings: Settings) -> None:
+    frames = np.random.default_rng(0).integers(0, 255, size=(4, 64, 96, 3), dtype=np.uint8)
+    service = PostProcessingService(settings)
+    request = PostProcessRequest(job_id="j3", owner_id="o1", fps=6, outputs=("mp4", "thumbnail"))
+    result = service.process(request, frames)
+    storage = LocalStorage(settings.resolved_storage_dir, "http://x", "secret")
+    assert set(result.objects) == {"mp4", "thumbnail"}
+    video = result.objects["mp4"]
+    assert video.key == "o1/j3/video.mp4" and video.uri == "local://o1/j3/video.mp4"
+    assert storage.content_type(video.key) == "video/mp4" and storage.get(video.key)[4:8] == b"ftyp"
+    assert storage.content_type("o1/j3/thumbnail.jpg") == "image/jpeg"
+    assert service.discard(request) == 2
+    assert not storage.exists(video.key)
