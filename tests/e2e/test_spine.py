@@ -95,3 +95,20 @@ def test_cancel_queued_and_running_jobs(e2e_stack: Stack) -> None:
 
         never_ran = client.get(f"/api/v1/animate-image/status/{queued}").json()
         assert never_ran["status"] == "canceled" and never_ran["attempts"] == 0
+
+
+def test_cli_submit_waits_and_downloads(e2e_stack: Stack, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli.mp4"
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "submit", str(SAMPLE), "--url", e2e_stack.base_url,
+         "--api-key", e2e_stack.api_key, "--num-frames", "4", "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"video: {out}" in result.stdout
+    assert ffprobe_video(out)["codec_name"] == "h264"
+    with Image.open(out.with_suffix(".jpg")) as thumb:
+        assert thumb.format == "JPEG"
