@@ -15,9 +15,9 @@ from serving.settings import Settings, load_settings
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v is not None}
     settings = load_settings(**overrides)
-    from serving.logs import configure_logging
+    from serving.logs import configure_service_logging
 
-    configure_logging(settings.environment)
+    configure_service_logging(settings)  # secrets never reach the logs
     return settings
 
 
@@ -36,7 +36,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     from serving.ingress.app import create_app
 
     settings = _settings(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                ws="websockets-sansio")
     return 0
 
 
@@ -47,13 +48,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_dev_auth(settings: Settings) -> Settings:
+    """`up` and `demo` run a private development stack. Unless keys or the auth flag are
+    configured, they disable authentication explicitly; the ingress says so at start-up."""
+    if settings.environment != "development" or settings.api_keys.get_secret_value():
+        return settings
+    if "auth_disabled" in settings.model_fields_set:
+        return settings  # the operator decided, either way
+    print("local development stack: authentication disabled (SVD_SERVE_AUTH_DISABLED=true)", flush=True)
+    return settings.model_copy(update={"auth_disabled": True})
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from serving.local_stack import local_stack
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with local_stack(_settings(args)):
+    with local_stack(_local_dev_auth(_settings(args))):
         print("press Ctrl-C to stop", flush=True)
         stop.wait()
     return 0
@@ -89,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from serving.client import ApiClient
     from serving.local_stack import free_port, local_stack
 
-    settings = _settings(args)
+    settings = _local_dev_auth(_settings(args))
     if args.port is None:
         settings = settings.model_copy(update={"port": free_port()})
     sample = Path(__file__).parent / "assets" / "sample.png"
@@ -129,6 +141,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`keys create|list|revoke` on the job store's `api_keys` table."""
+    import asyncio
+
+    from serving.security.keys_cli import run_keys_command
+
+    return asyncio.run(run_keys_command(_settings(args), args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svd-serve", description="Self-hosted Stable Video Diffusion service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     download = models_sub.add_parser("download")
     download.add_argument("name")
     models.set_defaults(func=cmd_models)
+
+    keys = sub.add_parser("keys", help="create, list or revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it (shown this once only)")
+    create.add_argument("--owner", required=True, help="the owner whose jobs the key sees")
+    create.add_argument("--scopes", default="submit,read", help="comma-separated: submit,read,admin")
+    create.add_argument("--name", help="a label to recognise the key by")
+    list_keys = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    list_keys.add_argument("--owner")
+    list_keys.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id or prefix")
+    revoke.add_argument("key", help="the id or prefix that `keys list` shows")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

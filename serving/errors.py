@@ -71,3 +71,46 @@ class InvalidTransition(SvdServeError):
 
     code = "invalid_transition"
     status = 409
+
+
+class Forbidden(SvdServeError):
+    """A valid API key without the scope this request needs."""
+
+    code = "insufficient_scope"
+    status = 403
+
+
+class PayloadTooLarge(SvdServeError):
+    code = "payload_too_large"
+    status = 413
+
+
+class UnsupportedMediaType(SvdServeError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+class RateLimited(SvdServeError):
+    """A rate limit or quota is exhausted; `retry_after_s` says when trying again can succeed."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(
+        self, message: str, *, retry_after_s: int, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = max(1, int(retry_after_s))
+        self.headers = dict(headers or {})
+
+
+class UnsafeUrl(InvalidInput):
+    """A URL we will not connect to: wrong scheme, or it leads to a private/internal address."""
+
+    code = "unsafe_url"
+
+
+class FetchFailed(InvalidInput):
+    """A public URL could not be fetched (HTTP error, timeout, too many redirects)."""
+
+    code = "fetch_failed"

@@ -3,6 +3,15 @@
 - `{prefix}:job:{id}:progress`  hash {step, steps, progress, stage}; written by the Generator
   while it denoises, read by the status endpoint; expires a day after the last write.
 - `{prefix}:job:{id}:cancel`    "1" once a cancel was requested; checked every denoising step.
+- `{prefix}:job:{id}:events`    stream of the job's live events (SSE/WebSocket), fields {type, data};
+  capped in length, expires `events_ttl_s` after the last event (`serving.events`).
+- `{prefix}:webhooks:due`       zset of outbound webhook delivery ids, score = when the next attempt
+  is due (ms); a claimed delivery's score is pushed out by a lease (`serving.webhooks.scheduler`).
+- `{prefix}:inbound:{provider}:{delivery id}`  "1" for a provider webhook already processed (SET NX).
+- `{prefix}:ratelimit:{key id}`  hash {tokens, ts}: the request token bucket of one API key
+  (`serving.security.rate_limits`); expires once the bucket would be full again.
+- `{prefix}:quota:{owner}:jobs:{YYYYMMDD}`  jobs accepted for the owner that UTC day; expires
+  two days later (`serving.security.quotas`).
 - BullMQ keeps its own keys under `bull:{queue_name}:*` (its format, readable by Node tooling).
 """
 
@@ -23,3 +32,18 @@ class Keys:
 
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:cancel"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def webhooks_due(self) -> str:
+        return f"{self.prefix}:webhooks:due"
+
+    def inbound_webhook(self, provider: str, delivery_id: str) -> str:
+        return f"{self.prefix}:inbound:{provider}:{delivery_id}"
+
+    def rate_bucket(self, key_id: str) -> str:
+        return f"{self.prefix}:ratelimit:{key_id}"
+
+    def jobs_per_day(self, owner_id: str, day: str) -> str:
+        return f"{self.prefix}:quota:{owner_id}:jobs:{day}"

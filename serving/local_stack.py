@@ -90,6 +90,8 @@ def local_stack(settings: Settings, ready_timeout_s: float = 300.0) -> Iterator[
     procs: list[subprocess.Popen[bytes]] = []
     env = dict(os.environ)
     env["SVD_SERVE_DATA_DIR"] = str(settings.data_dir.resolve())
+    if settings.auth_disabled:
+        env["SVD_SERVE_AUTH_DISABLED"] = "true"  # the decision made for this stack, passed to its processes
     try:
         redis_url = settings.redis_url
         if not redis_url:

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from serving.settings import Settings
+
 
 def configure_logging(environment: str, level: str = "INFO") -> None:
     renderer: structlog.typing.Processor = (
@@ -25,3 +27,12 @@ def configure_logging(environment: str, level: str = "INFO") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
+
+
+def configure_service_logging(settings: Settings) -> None:
+    """Logging for any svd-serve process (CLI or Ray replica): renderer by environment, and
+    secrets (keys, bearer tokens, URL signatures) redacted before anything is rendered."""
+    from serving.security.redaction import install_redaction
+
+    configure_logging(settings.environment)
+    install_redaction(settings)

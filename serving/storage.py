@@ -7,6 +7,7 @@ here anyway, so that a bug upstream can never turn into a path traversal.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -33,8 +34,16 @@ class ObjectStorage(Protocol):
     """Where inputs and outputs live. Sync methods: call them through `asyncio.to_thread`."""
 
     def put(
-        self, key: str, data: bytes, content_type: str, cache_control: str | None = None
-    ) -> None: ...
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        cache_control: str | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        """Store `data`. With `sha256` (hex), the backend refuses bytes that do not match it and
+        keeps it with the object (`checksum_sha256(key)` reads it back)."""
+        ...
 
     def get(self, key: str) -> bytes:
         """The object's bytes; raises `NotFound` if there is none."""
@@ -87,6 +96,11 @@ def _folder_prefix(prefix: str) -> str:
 def _check_ttl(ttl_s: int) -> None:
     if not 1 <= ttl_s <= MAX_URL_TTL_S:
         raise ValueError(f"ttl_s must be between 1 and {MAX_URL_TTL_S} seconds, got {ttl_s}")
+
+
+def _check_sha256(key: str, data: bytes, sha256: str) -> None:
+    if hashlib.sha256(data).hexdigest() != sha256.lower():
+        raise ValueError(f"the bytes for {key!r} do not match the SHA-256 given with them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,10 +163,19 @@ class LocalStorage:
 
     # ObjectStorage ---------------------------------------------------------------------------
     def put(
-        self, key: str, data: bytes, content_type: str, cache_control: str | None = None
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        cache_control: str | None = None,
+        sha256: str | None = None,
     ) -> None:
         target = self.path(key)
         meta = {"content_type": content_type, "cache_control": cache_control}
+        if sha256 is not None:
+            # The same promise S3 makes for ChecksumSHA256: bytes that do not match are refused.
+            _check_sha256(key, data, sha256)
+            meta["sha256"] = sha256.lower()
         try:
             # Metadata first: once the object is visible its metadata is already in place.
             self._write_atomically(self._meta_path(key), json.dumps(meta).encode())
@@ -229,6 +252,11 @@ class LocalStorage:
         value = self._read_meta(key).get("cache_control")
         return None if value is None else str(value)
 
+    def checksum_sha256(self, key: str) -> str | None:
+        """The hex SHA-256 given to `put`, if any; raises `NotFound` if the object is missing."""
+        value = self._read_meta(key).get("sha256")
+        return None if value is None else str(value)
+
     def _read_meta(self, key: str) -> dict[str, Any]:
         if not self.exists(key):
             raise NotFound(f"object {key!r} not found")
@@ -260,7 +288,8 @@ def _is_transient(exc: Exception) -> bool:
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = exc.response.get("Error", {}).get("Code", "")
-        return status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling")
+        # BadDigest: the bytes were damaged on the way (ChecksumSHA256); sending again may work.
+        return status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling", "BadDigest")
     return False
 
 
@@ -348,12 +377,23 @@ class S3Storage:
                 raise
 
     def put(
-        self, key: str, data: bytes, content_type: str, cache_control: str | None = None
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        cache_control: str | None = None,
+        sha256: str | None = None,
     ) -> None:
         validate_key(key)
-        extra: dict[str, str] = {"ContentType": content_type}
+        extra: dict[str, Any] = {"ContentType": content_type}
         if cache_control is not None:
             extra["CacheControl"] = cache_control
+        if sha256 is not None:
+            _check_sha256(key, data, sha256)
+            # ChecksumSHA256: the server refuses bytes damaged on the way (BadDigest). The
+            # metadata copy can be read back by any S3 API, also where checksums are not kept.
+            extra["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(sha256)).decode()
+            extra["Metadata"] = {"sha256": sha256.lower()}
         with _s3_errors(key):
             self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **extra)
 
@@ -409,6 +449,11 @@ class S3Storage:
     def content_type(self, key: str) -> str:
         """The object's Content-Type; raises `NotFound` if the object is missing."""
         return str(self._head(key).get("ContentType", ""))
+
+    def checksum_sha256(self, key: str) -> str | None:
+        """The hex SHA-256 given to `put`, if any; raises `NotFound` if the object is missing."""
+        value = self._head(key).get("Metadata", {}).get("sha256")
+        return None if value is None else str(value)
 
     def _head(self, key: str) -> dict[str, Any]:
         validate_key(key)

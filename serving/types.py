@@ -79,6 +79,8 @@ class JobParams:
     max_guidance_scale: float
     decode_chunk_size: int | None = None
     outputs: tuple[str, ...] = ("mp4", "thumbnail")
+    interpolate_fps: int | None = None  # resample the clip to this rate (None: keep `fps`)
+    loop: bool = False  # ping-pong: forwards then backwards
 
     def to_json(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -143,6 +145,21 @@ class PostProcessRequest:
     owner_id: str
     fps: int
     outputs: tuple[str, ...]
+    interpolate_fps: int | None = None
+    loop: bool = False
+
+    @classmethod
+    def for_job(cls, job: RenderJob) -> "PostProcessRequest":
+        """What the PostProcessor needs to know about `job`."""
+        params = job.params
+        return cls(
+            job_id=job.job_id,
+            owner_id=job.owner_id,
+            fps=params.fps,
+            outputs=params.outputs,
+            interpolate_fps=params.interpolate_fps,
+            loop=params.loop,
+        )
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,15 @@ class StoredObject:
     uri: str  # storage URI kept in the jobs row (`local://...`, `s3://bucket/...`)
     content_type: str
     size: int
+    sha256: str = ""  # hex digest of the bytes, recorded on the job and on the stored object
+
+    def to_json(self) -> dict[str, Any]:
+        """The form kept in the jobs row's `outputs` map."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StoredObject":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass

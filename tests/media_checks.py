@@ -1,4 +1,5 @@
-"""Check videos the way a person would: ask a real ffprobe, and read the MP4's box layout.
+"""Check videos the way a person would: ask a real ffprobe, decode with a real ffmpeg and
+Pillow, and read the MP4's box layout.
 
 ffprobe comes from Debian's `ffmpeg` package (imageio-ffmpeg ships ffmpeg only); set
 `FFPROBE` to use another binary.
@@ -6,6 +7,7 @@ ffprobe comes from Debian's `ffmpeg` package (imageio-ffmpeg ships ffmpeg only);
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,6 +16,8 @@ import subprocess
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def ffprobe_exe() -> str:
@@ -85,3 +89,64 @@ def mp4_top_level_boxes(data: bytes) -> list[str]:
         boxes.append(raw_type.decode("latin-1"))
         offset += size
     return boxes
+
+
+def ffprobe_format(path: Path | str) -> str:
+    """The container ffprobe recognises, e.g. 'mov,mp4,m4a,3gp,3g2,mj2', 'matroska,webm', 'gif'."""
+    command = [ffprobe_exe(), "-v", "error", "-show_entries", "format=format_name", "-of", "json", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise AssertionError(f"ffprobe failed on {path}: {result.stderr.strip()}")
+    return str(json.loads(result.stdout)["format"]["format_name"])
+
+
+def ffprobe_codec(path: Path | str) -> str:
+    """The codec of the first video stream, read from the header only (no decoding)."""
+    command = [
+        ffprobe_exe(), "-v", "error", "-select_streams", "v:0",
+        "-show_entries", "stream=codec_name", "-of", "json", str(path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    streams = json.loads(result.stdout or "{}").get("streams") or []
+    if not streams:
+        raise AssertionError(f"ffprobe found no video stream in {path}: {result.stderr.strip()}")
+    return str(streams[0]["codec_name"])
+
+
+def decode_rgb_frames(path: Path | str, width: int, height: int) -> np.ndarray:
+    """Every frame of `path` as uint8 RGB (N, height, width, 3), decoded by the imageio-ffmpeg
+    binary: it decodes animated WebP, which Debian's ffprobe 5.1 cannot."""
+    import imageio_ffmpeg
+
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path),
+        "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise AssertionError(f"ffmpeg could not decode {path}: {result.stderr.decode(errors='replace')}")
+    frame_bytes = width * height * 3
+    if len(result.stdout) % frame_bytes:
+        raise AssertionError(f"{path} decoded to {len(result.stdout)} bytes, not whole {width}x{height} frames")
+    return np.frombuffer(result.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
+
+
+def animated_image_info(data: bytes) -> dict[str, Any]:
+    """What a browser-grade decoder (Pillow: libwebp, its own GIF reader) sees in an animated
+    GIF or WebP: format, size (w, h), n_frames, loop (0 = forever), per-frame durations in ms."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        n_frames = int(getattr(image, "n_frames", 1))  # only animated formats define it
+        durations = []
+        for index in range(n_frames):
+            image.seek(index)
+            image.load()
+            durations.append(int(image.info.get("duration", 0)))
+        return {
+            "format": image.format,
+            "size": image.size,
+            "n_frames": n_frames,
+            "loop": image.info.get("loop"),
+            "durations": durations,
+        }

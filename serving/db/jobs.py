@@ -12,7 +12,7 @@ import datetime as dt
 import math
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from sqlalchemy import (
@@ -83,6 +83,9 @@ class JobRecord:
     timings: dict[str, float]
     gpu_seconds: float | None
     cost_usd: float | None
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> StoredObject JSON
+    cached: bool = False
+    cached_from: str | None = None
 
     @property
     def job_params(self) -> JobParams:
@@ -104,6 +107,9 @@ class JobChanges(TypedDict, total=False):
     cost_usd: float | None
     provider: str
     provider_job_id: str | None
+    outputs: dict[str, dict[str, Any]]  # replaces the stored map
+    cached: bool
+    cached_from: str | None
 
 
 _CHANGEABLE = frozenset(JobChanges.__annotations__)
@@ -285,6 +291,24 @@ class JobRepository:
         async with self._sessions() as session, session.begin():
             await session.execute(delete(jobs).where(jobs.c.id == jid))
 
+    async def find_cache_source(self, owner_id: str, input_hash: str) -> JobRecord | None:
+        """The owner's newest job that completed with `input_hash` by generating its outputs
+        (not itself served from the cache), if any."""
+        stmt = (
+            select(jobs)
+            .where(
+                jobs.c.owner_id == owner_id,
+                jobs.c.input_hash == input_hash,
+                jobs.c.status == JobStatus.COMPLETED.value,
+                jobs.c.cached.is_(False),
+            )
+            .order_by(jobs.c.completed_at.desc(), jobs.c.id.desc())
+            .limit(1)
+        )
+        async with self._sessions() as session:
+            row = (await session.execute(stmt)).mappings().first()
+        return None if row is None else _record(row)
+
     async def find_by_idempotency_key(self, owner_id: str, key: str) -> JobRecord | None:
         """The owner's job submitted with Idempotency-Key `key`, if any."""
         stmt = select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.idempotency_key == key)
@@ -426,4 +450,7 @@ def _record(row: RowMapping) -> JobRecord:
         timings=dict(row["timings"] or {}),
         gpu_seconds=row["gpu_seconds"],
         cost_usd=row["cost_usd"],
+        outputs=dict(row["outputs"] or {}),
+        cached=bool(row["cached"]),
+        cached_from=None if row["cached_from"] is None else str(row["cached_from"]),
     )

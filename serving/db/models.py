@@ -8,9 +8,11 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Dialect,
     Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -18,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -111,6 +114,87 @@ class Job(Base):
     timings: Mapped[dict[str, float]] = mapped_column(JSONType)  # stage -> seconds
     gpu_seconds: Mapped[float | None] = mapped_column(Float)
     cost_usd: Mapped[float | None] = mapped_column(Float)
+    # Every stored output by kind ("mp4", "webm", ...): StoredObject.to_json(), sha256 included.
+    outputs: Mapped[dict[str, Any]] = mapped_column(JSONType, server_default=text("'{}'"))
+    # Completed from the result cache: `cached_from` is the job whose outputs it shares.
+    cached: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    cached_from: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))
+
+
+class ApiKey(Base):
+    """An API key. Only the SHA-256 of the key is stored; `prefix` (in the key itself) finds the
+    row, the hash proves the key. Revoked keys stay for the audit trail."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("prefix"), Index(None, "owner_id"))
+
+    id: Mapped[str] = mapped_column(Uuid(as_uuid=False), primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    key_hash: Mapped[str] = mapped_column(String(64))  # hex SHA-256 of the whole key
+    owner_id: Mapped[str] = mapped_column(String(128))
+    scopes: Mapped[str] = mapped_column(String(64))  # comma-separated: submit,read,admin
+    name: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """One outbound webhook message (its `id` is the `webhook-id` every attempt repeats)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # One message per job and event type, however often the job ran (exactly one outcome).
+        UniqueConstraint("job_id", "event_type"),
+        # The sweep that re-schedules pending deliveries Redis may have lost.
+        Index(None, "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(Uuid(as_uuid=False), ForeignKey("jobs.id", ondelete="CASCADE"))
+    owner_id: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[str] = mapped_column(Text)  # the exact JSON body that is signed and sent
+    status: Mapped[str] = mapped_column(String(16))  # pending|succeeded|failed|disabled
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    round_attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # since the last replay
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery: what the receiver answered and how long it took."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (UniqueConstraint("delivery_id", "number"),)
+
+    id: Mapped[str] = mapped_column(Uuid(as_uuid=False), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("webhook_deliveries.id", ondelete="CASCADE")
+    )
+    number: Mapped[int] = mapped_column(Integer)  # 1-based over the delivery's whole life
+    attempted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16))  # succeeded|retry|failed|disabled
+
+
+class WebhookEndpoint(Base):
+    """A receiver URL of one owner that answered 410 Gone: nothing more is sent there."""
+
+    __tablename__ = "webhook_endpoints"
+
+    owner_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    url_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of `url`
+    url: Mapped[str] = mapped_column(Text)
+    disabled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 def new_job_id() -> str:

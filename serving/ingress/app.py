@@ -14,13 +14,20 @@ from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
 from serving.db.migrate import check_migrated
 from serving.ingress.deps import Services
-from serving.ingress.problems import install_problem_handlers
+from serving.ingress.problems import install_problem_docs, install_problem_handlers
+from serving.ingress.routes_events import router as events_router
 from serving.ingress.routes_jobs import router as jobs_router
 from serving.ingress.routes_system import router as system_router
+from serving.ingress.routes_webhooks import provider_router as provider_webhooks_router
+from serving.ingress.routes_webhooks import router as webhooks_router
 from serving.keys import Keys
 from serving.queue import JobQueue
+from serving.security.middleware import install_security_middleware
+from serving.security.setup import build_security
 from serving.settings import Settings
 from serving.storage import S3Storage, make_storage
+from serving.webhooks.inbound import ProviderRegistry
+from serving.webhooks.services import DeliveryServices, build_delivery_services
 
 log = structlog.get_logger(__name__)
 
@@ -33,14 +40,16 @@ def create_app(settings: Settings) -> FastAPI:
         engine = make_engine(settings.resolved_database_url)
         redis = aioredis.Redis.from_url(settings.redis_url)
         queue = JobQueue(settings.redis_url, settings.queue_name)
+        delivery: DeliveryServices | None = None
         try:
             await check_migrated(engine)  # refuse to serve on an unmigrated database
             owners = settings.api_key_owners()
-            if not owners:
-                log.warning("auth_disabled", reason="no API keys configured; every caller is owner 'local'")
+            if settings.auth_disabled:
+                log.warning("auth_disabled", reason="no API keys checked; every caller is owner 'local'")
             storage = make_storage(settings)
             if isinstance(storage, S3Storage):
                 await asyncio.to_thread(storage.ensure_bucket)
+            delivery = build_delivery_services(settings, make_session_factory(engine), storage, app.state.providers)
             app.state.services = Services(
                 settings=settings,
                 engine=engine,
@@ -50,10 +59,14 @@ def create_app(settings: Settings) -> FastAPI:
                 redis=redis,
                 keys=Keys(settings.key_prefix),
                 api_key_owners=owners,
+                delivery=delivery,
+                security=build_security(settings, make_session_factory(engine), redis, Keys(settings.key_prefix)),
             )
             log.info("ingress_started", base_url=settings.resolved_public_base_url)
             yield
         finally:
+            if delivery is not None:
+                await delivery.aclose()
             await queue.close()
             await redis.aclose()
             await engine.dispose()
@@ -64,7 +77,14 @@ def create_app(settings: Settings) -> FastAPI:
         description="Image-to-video with Stable Video Diffusion on your own GPUs.",
         lifespan=lifespan,
     )
+    # Provider callback handlers (issue #6 registers Runway's); may be filled before start-up.
+    app.state.providers = ProviderRegistry()
     install_problem_handlers(app)
+    install_security_middleware(app, settings)
+    install_problem_docs(app)
     app.include_router(jobs_router)
     app.include_router(system_router)
+    app.include_router(events_router)
+    app.include_router(webhooks_router)
+    app.include_router(provider_webhooks_router)
     return app

@@ -1,23 +1,41 @@
-"""Typed dependencies: clients live on `app.state.services`, created in the lifespan (STYLE 9)."""
+"""Typed dependencies: clients live on `app.state.services`, created in the lifespan (STYLE 9).
+
+Authentication, scopes and the per-key rate limit are dependencies too: a route declares what
+it needs (`ReadOwnerDep`, `SubmitOwnerDep`, `AdminDep`) and gets the caller's owner id.
+"""
 
 from __future__ import annotations
 
-import hmac
-from dataclasses import dataclass
-from typing import Annotated
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import HTTPConnection
 
 from serving.db.jobs import JobRepository
-from serving.errors import Unauthorized
+from serving.errors import Forbidden, NotFound
 from serving.keys import Keys
 from serving.queue import JobQueue
+from serving.security.auth import LOCAL_OWNER
+from serving.security.middleware import RATE_LIMIT_STATE
+from serving.security.quotas import JobReservation
+from serving.security.scopes import Principal, Scope
+from serving.security.setup import SecurityServices
 from serving.settings import Settings
 from serving.storage import ObjectStorage
 
-LOCAL_OWNER = "local"
+if TYPE_CHECKING:
+    from serving.webhooks.services import DeliveryServices
+
+__all__ = [
+    "LOCAL_OWNER", "Services", "ServicesDep", "PrincipalDep", "OwnerDep", "ReadOwnerDep", "SubmitOwnerDep",
+    "AdminDep", "JobAdmissionDep", "JobIdPath", "authenticate", "get_owner", "require_scope",
+]
 
 
 @dataclass
@@ -29,7 +47,9 @@ class Services:
     storage: ObjectStorage
     redis: aioredis.Redis
     keys: Keys
-    api_key_owners: dict[str, str]
+    api_key_owners: dict[str, str]  # static bootstrap keys (SVD_SERVE_API_KEYS): key -> owner
+    delivery: DeliveryServices | None = None  # events and webhooks (serving.webhooks.services)
+    security: SecurityServices = field(repr=False, default=None)  # type: ignore[assignment]  # set in the lifespan
 
 
 def get_services(request: Request) -> Services:
@@ -39,18 +59,100 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_owner(request: Request, services: ServicesDep) -> str:
-    """The owner behind the bearer key. With no keys configured (development) everyone is `local`."""
-    if not services.api_key_owners:
-        return LOCAL_OWNER
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("Send `Authorization: Bearer <api key>`.", code="missing_api_key")
-    for key, owner in services.api_key_owners.items():
-        if hmac.compare_digest(key.encode(), token.strip().encode()):
-            return owner
-    raise Unauthorized("The API key is not valid.", code="invalid_api_key")
+async def authenticate(connection: HTTPConnection, services: Services) -> Principal:
+    """The caller behind the bearer key (401 without a valid one), after its rate limit (429)."""
+    security = services.security
+    principal = await security.authenticator.authenticate(connection.headers.get("authorization"))
+    decision = await security.rate_limiter.hit(principal.key_id)
+    if decision is not None:
+        setattr(connection.state, RATE_LIMIT_STATE, decision.headers())
+    return principal
 
 
-OwnerDep = Annotated[str, Depends(get_owner)]
+# Declares the bearer scheme in the OpenAPI document (clients and schemathesis read it); the
+# header itself is checked by `authenticate`, which also serves WebSocket routes.
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="ApiKey", description="An API key from `svd-serve keys create`."
+)
+
+
+async def get_principal(
+    request: Request,
+    services: ServicesDep,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+) -> Principal:
+    """`authenticate` as a dependency; FastAPI caches it per request, so a route that needs
+    several scopes is authenticated and rate limited once."""
+    return await authenticate(request, services)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_scope(scope: Scope) -> Callable[..., Coroutine[Any, Any, str]]:
+    """A dependency that answers 403 unless the caller's key has `scope`; yields the owner id."""
+
+    async def owner_with_scope(principal: PrincipalDep) -> str:
+        if not principal.allows(scope):
+            raise Forbidden(f"This API key lacks the `{scope.value}` scope.")
+        return principal.owner_id
+
+    owner_with_scope.__name__ = f"owner_with_{scope.value}_scope"
+    return owner_with_scope
+
+
+async def get_owner(connection: HTTPConnection, services: Services) -> str:
+    """The owner behind a key with the `read` scope, for routes that authenticate by hand
+    (WebSocket handlers, which cannot use HTTP dependencies the same way)."""
+    principal = await authenticate(connection, services)
+    if not principal.allows(Scope.READ):
+        raise Forbidden(f"This API key lacks the `{Scope.READ.value}` scope.")
+    return principal.owner_id
+
+
+OwnerDep = Annotated[str, Depends(require_scope(Scope.READ))]  # reading one's own jobs
+ReadOwnerDep = OwnerDep
+SubmitOwnerDep = Annotated[str, Depends(require_scope(Scope.SUBMIT))]  # submit, cancel, retry
+AdminDep = Annotated[str, Depends(require_scope(Scope.ADMIN))]
+
+
+class JobAdmission:
+    """The quota slot of one submission: kept when the route calls `accepted(True)`, given back
+    otherwise (refused input, an Idempotency-Key repeat, any error)."""
+
+    def __init__(self, reservation: JobReservation) -> None:
+        self._reservation = reservation
+        self._created = False
+
+    def accepted(self, created: bool) -> None:
+        self._created = created
+
+
+async def job_admission(services: ServicesDep, owner: SubmitOwnerDep) -> AsyncIterator[JobAdmission]:
+    """Checks the owner's quotas before the body is read (429 with Retry-After)."""
+    reservation = await services.security.quotas.reserve_job(owner)
+    admission = JobAdmission(reservation)
+    try:
+        yield admission
+    finally:
+        if not admission._created:
+            await reservation.release()
+
+
+JobAdmissionDep = Annotated[JobAdmission, Depends(job_admission)]
+
+
+def _job_id(
+    job_id: Annotated[
+        str, Path(description="The job id (a UUID); anything else answers 404 like a missing job.")
+    ],
+) -> str:
+    """The canonical job id. A malformed id answers 404 exactly like a missing or foreign job:
+    one answer for every id the caller may not see."""
+    try:
+        return str(uuid.UUID(job_id))
+    except ValueError:
+        raise NotFound(f"Job {job_id[:64]} was not found.") from None
+
+
+JobIdPath = Annotated[str, Depends(_job_id)]

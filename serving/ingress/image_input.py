@@ -1,4 +1,8 @@
-"""Read a submission: multipart (`image` file + form fields) or JSON (`imageUrl` / `imageBase64`)."""
+"""Read a submission: multipart (`image` file + form fields) or JSON (`imageUrl` / `imageBase64`).
+
+Sizes are bounded before anything is buffered (the body limit middleware and the declared
+`Content-Length`), `imageUrl` is fetched only through `serving.netguard`, and an upload whose
+declared media type is not an image (or another image format than its bytes) answers 415."""
 
 from __future__ import annotations
 
@@ -12,21 +16,17 @@ import httpx
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.errors import InvalidInput, SvdServeError
+from serving.errors import FetchFailed, InvalidInput, PayloadTooLarge, UnsafeUrl, UnsupportedMediaType
 from serving.ingress.schemas import AnimateJsonBody, AnimateOptions
+from serving.ingress.validation import check_metadata
+from serving.netguard import UrlPolicy, fetch_public
+from serving.security.images import check_declared_type
 
 FETCH_TIMEOUT_S = 15.0
 
-
-class UnsupportedMediaType(SvdServeError):
-    code = "unsupported_media_type"
-    status = 415
-
-
-class PayloadTooLarge(SvdServeError):
-    code = "payload_too_large"
-    status = 413
+__all__ = ["FETCH_TIMEOUT_S", "PayloadTooLarge", "Submission", "UnsupportedMediaType", "fetch_image", "read_submission"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,23 @@ def _validation_message(exc: ValidationError) -> str:
 
 def _parse_options(model: type[AnimateOptions], data: dict[str, Any]) -> AnimateOptions:
     try:
-        return model.model_validate(data)
+        options = model.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(_validation_message(exc), code="invalid_input") from exc
+    check_metadata(options.metadata)
+    return options
+
+
+def _loads(raw: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc.msg}.", code="invalid_json") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: it is not UTF-8 text.", code="invalid_json") from exc
+    except RecursionError:
+        # A few hundred thousand nested brackets exhaust the parser's stack: refuse, do not crash.
+        raise InvalidInput(f"{what} is nested too deeply.", code="invalid_json") from None
 
 
 def _form_to_dict(form: Any) -> dict[str, Any]:
@@ -65,23 +79,30 @@ def _form_to_dict(form: Any) -> dict[str, Any]:
             data[key] = items
         elif key == "metadata":
             try:
-                data[key] = json.loads(values[-1])
-            except json.JSONDecodeError as exc:
-                raise InvalidInput("`metadata` must be a JSON object.", code="invalid_input") from exc
+                data[key] = _loads(values[-1], "`metadata`")
+            except InvalidInput as exc:
+                raise InvalidInput(f"`metadata` must be a JSON object ({exc.message})", code="invalid_input") from exc
         else:
             data[key] = values[-1]
     return data
 
 
-async def read_submission(request: Request, max_bytes: int) -> Submission:
+async def read_submission(
+    request: Request, max_bytes: int, url_policy: UrlPolicy | None = None, fetch_timeout_s: float = FETCH_TIMEOUT_S
+) -> Submission:
+    """The submission in `request`; `imageUrl` is fetched under `url_policy` (production rules
+    when None: https only, public addresses only)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > max_bytes + 1024 * 1024:
-        raise PayloadTooLarge(f"The request is larger than the {max_bytes}-byte limit.")
+    length = request.headers.get("content-length") or "0"
+    declared = int(length) if length.isdigit() else 0
+    # Also enforced while streaming by the body limit middleware; here for a declared length.
+    limit = (max_bytes * 4 // 3 if content_type == "application/json" else max_bytes) + 1024 * 1024
+    if declared > limit:
+        raise PayloadTooLarge(f"The request is larger than the {limit}-byte limit.")
     if content_type == "multipart/form-data":
         return await _read_multipart(request, max_bytes)
     if content_type == "application/json":
-        return await _read_json(request, max_bytes)
+        return await _read_json(request, max_bytes, url_policy or UrlPolicy(), fetch_timeout_s)
     if not content_type and not declared:
         raise InvalidInput(
             "The request body is empty: send a multipart `image` file or JSON with `imageUrl` or `imageBase64`.",
@@ -93,8 +114,12 @@ async def read_submission(request: Request, max_bytes: int) -> Submission:
 
 
 async def _read_multipart(request: Request, max_bytes: int) -> Submission:
-    # The form owns spooled temp files: the context manager closes them whatever happens.
-    async with request.form(max_part_size=max_bytes) as form:
+    try:
+        form = await request.form(max_part_size=max_bytes)
+    except StarletteHTTPException as exc:  # Starlette's answer to a malformed multipart body
+        raise InvalidInput(f"The multipart body is malformed: {exc.detail}", code="invalid_multipart") from exc
+    # The form owns spooled temp files: closed whatever happens.
+    try:
         upload = form.get("image")
         fields = _form_to_dict(form)
         has_url = bool(fields.pop("imageUrl", None) or fields.pop("imageBase64", None))
@@ -111,20 +136,23 @@ async def _read_multipart(request: Request, max_bytes: int) -> Submission:
                 "Send either an `image` file or `imageUrl`/`imageBase64`, not both.", code="invalid_image_source"
             )
         options = _parse_options(AnimateOptions, fields)
+        if upload.size is not None and upload.size > max_bytes:
+            raise PayloadTooLarge(f"The image is larger than the {max_bytes}-byte limit.")
         data = await upload.read(max_bytes + 1)
+        declared_type = upload.content_type
+    finally:
+        await form.close()
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"The image is larger than the {max_bytes}-byte limit.")
+    check_declared_type(declared_type, data)
     return Submission(options=options, image_bytes=data, source="upload")
 
 
-async def _read_json(request: Request, max_bytes: int) -> Submission:
+async def _read_json(request: Request, max_bytes: int, url_policy: UrlPolicy, fetch_timeout_s: float) -> Submission:
     raw = await request.body()
     if not raw.strip():
         raise InvalidInput("The request body is empty: send `imageUrl` or `imageBase64`.", code="empty_body")
-    try:
-        payload = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"The body is not valid JSON: {exc.msg}.", code="invalid_json") from exc
+    payload = _loads(raw, "The body")
     if not isinstance(payload, dict):
         raise InvalidInput("The JSON body must be an object.", code="invalid_json")
     if not payload:
@@ -136,13 +164,16 @@ async def _read_json(request: Request, max_bytes: int) -> Submission:
     if body.image_base64:
         return Submission(options=options, image_bytes=_decode_base64(body.image_base64, max_bytes), source="base64")
     if body.image_url:
-        return Submission(options=options, image_bytes=await fetch_image(body.image_url, max_bytes), source="url")
+        image = await fetch_image(body.image_url, max_bytes, url_policy, fetch_timeout_s)
+        return Submission(options=options, image_bytes=image, source="url")
     raise InvalidInput("An image is required: send `imageUrl` or `imageBase64` (or a multipart `image`).", code="missing_image")
 
 
 def _decode_base64(value: str, max_bytes: int) -> bytes:
     if value.startswith("data:"):
         _, _, value = value.partition(",")
+    if len(value) * 3 // 4 > max_bytes + 3:  # decoded size, known before decoding
+        raise PayloadTooLarge(f"The image is larger than the {max_bytes}-byte limit.")
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -152,25 +183,70 @@ def _decode_base64(value: str, max_bytes: int) -> bytes:
     return data
 
 
-async def fetch_image(url: str, max_bytes: int) -> bytes:
-    """Download an image with size and time limits. Address filtering (SSRF) is issue #7's."""
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+async def fetch_image(
+    url: str, max_bytes: int, policy: UrlPolicy | None = None, timeout_s: float = FETCH_TIMEOUT_S
+) -> bytes:
+    """Download `imageUrl` through the SSRF guard, with size and time limits."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise InvalidInput("`imageUrl` must be an absolute http(s) URL.", code="invalid_image_url")
     try:
-        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise InvalidInput(
-                        f"Fetching `imageUrl` answered HTTP {response.status_code}.", code="image_fetch_failed"
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise PayloadTooLarge(f"The image at `imageUrl` is larger than the {max_bytes}-byte limit.")
-                    chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise InvalidInput(f"Could not fetch `imageUrl`: {type(exc).__name__}.", code="image_fetch_failed") from exc
-    return b"".join(chunks)
+        return await fetch_public(url, max_bytes=max_bytes, timeout_s=timeout_s, policy=policy or UrlPolicy())
+    except UnsafeUrl as exc:
+        raise UnsafeUrl(f"`imageUrl` is refused: {exc.message}") from exc
+    except PayloadTooLarge as exc:
+        raise PayloadTooLarge(f"The image at `imageUrl` is larger than the {max_bytes}-byte limit.") from exc
+    except FetchFailed as exc:
+        raise InvalidInput(f"Could not fetch `imageUrl`: {exc.message}", code="image_fetch_failed") from exc
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its `$defs` inlined, to embed in the OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)  # type: ignore[no-any-return]
+
+
+def _without_null(prop: dict[str, Any]) -> dict[str, Any]:
+    variants = [v for v in prop.get("anyOf", []) if v.get("type") != "null"]
+    if len(variants) != 1:
+        return prop
+    kept = {k: v for k, v in prop.items() if k != "anyOf" and not (k == "default" and v is None)}
+    return {**kept, **variants[0]}
+
+
+def submission_request_body() -> dict[str, Any]:
+    """The OpenAPI `requestBody` of a submission: the route reads the body itself (multipart or
+    JSON), so FastAPI cannot derive it."""
+    options = _inline_defs(AnimateOptions.model_json_schema(by_alias=True))
+    as_json = _inline_defs(AnimateJsonBody.model_json_schema(by_alias=True))
+    multipart = {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"},
+            # A form field is present or absent, never null.
+            **{name: _without_null(prop) for name, prop in options.get("properties", {}).items()},
+        },
+        "additionalProperties": False,
+    }
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": multipart},
+            "application/json": {"schema": as_json},
+        },
+    }

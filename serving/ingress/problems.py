@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.errors import SvdServeError
+from serving.errors import Forbidden, RateLimited, SvdServeError, Unauthorized
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +43,16 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _svd_error(request: Request, exc: SvdServeError) -> JSONResponse:
         if exc.status >= 500:
             log.error("request_failed", code=exc.code, error=exc.message, path=request.url.path)
-        return problem(exc.status, exc.code, exc.message)
+        if isinstance(exc, RateLimited):
+            limited = problem(exc.status, exc.code, exc.message, retryAfter=exc.retry_after_s)
+            limited.headers.update(exc.headers)  # RateLimit-* of the limit that was hit
+            return limited
+        response = problem(exc.status, exc.code, exc.message)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = "Bearer"
+        elif isinstance(exc, Forbidden):
+            response.headers["WWW-Authenticate"] = 'Bearer error="insufficient_scope"'
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -58,4 +67,69 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The detail goes to the log only: a response never carries internals.
         log.exception("unhandled_error", path=request.url.path)
-        return problem(500, "internal_error", "An internal error occurred.")
+        response = problem(500, "internal_error", "An internal error occurred.")
+        # This handler runs outside every middleware: it sets the request id itself.
+        request_id = getattr(request.state, "request_id", None)
+        if request_id:
+            response.headers["X-Request-ID"] = request_id
+            response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; `code` is stable and part of the API.",
+    "type": "object",
+    "required": ["type", "title", "status", "code", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "code": {"type": "string"},
+        "detail": {"type": "string"},
+        "retryAfter": {"type": "integer", "description": "Seconds, as in the Retry-After header (429)."},
+    },
+}
+_AUTH_PROBLEMS = {
+    "401": "Missing or invalid API key",
+    "403": "The API key lacks the scope this operation needs",
+    "429": "Rate limit or quota exhausted; see Retry-After",
+}
+
+
+def install_problem_docs(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the handlers above really send: every 4xx/5xx is
+    `application/problem+json` (FastAPI documents its own 422 shape, which we never send), every
+    authenticated operation may answer 401/403/429, and one with path parameters 404."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Problem"] = PROBLEM_SCHEMA
+        content = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path, item in schema.get("paths", {}).items():
+            for operation in item.values():
+                if not isinstance(operation, dict) or "responses" not in operation:
+                    continue
+                responses = operation["responses"]
+                if operation.get("security"):
+                    for status, text in _AUTH_PROBLEMS.items():
+                        responses.setdefault(status, {"description": text})
+                if "{job_id}" in path:
+                    responses.setdefault("404", {"description": "No such job (or not yours)"})
+                elif "{" in path:
+                    responses.setdefault("404", {"description": "Nothing by that name"})
+                for status, response in responses.items():
+                    if status.startswith(("4", "5")):
+                        if status == "422" and response.get("description") == "Validation Error":
+                            response["description"] = "Invalid input"
+                        response["content"] = content
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

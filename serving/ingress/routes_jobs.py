@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from serving.errors import NotFound, SvdServeError
-from serving.ingress.deps import OwnerDep, ServicesDep
-from serving.ingress.image_input import read_submission
+from serving.ingress.deps import JobAdmissionDep, JobIdPath, OwnerDep, ServicesDep, SubmitOwnerDep
+from serving.ingress.image_input import read_submission, submission_request_body
 from serving.ingress.schemas import AcceptedResponse, JobListResponse, JobStatusResponse
 from serving.ingress.submission import cancel_job, submit_job
 from serving.ingress.views import job_view
@@ -17,29 +17,52 @@ from serving.metrics import CANCELS, SUBMISSIONS
 from serving.types import JobStatus
 
 router = APIRouter(prefix="/api/v1/animate-image", tags=["jobs"])
+# Answers every authenticated route may give (problem+json); a job id that is malformed, missing
+# or another owner's answers 404 alike.
+READ_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid API key"},
+    403: {"description": "The API key lacks the scope"},
+    404: {"description": "No such job (or not yours)"},
+    429: {"description": "Rate limit or quota exhausted; see Retry-After"},
+}
+SUBMIT_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    **{k: v for k, v in READ_PROBLEMS.items() if k != 404},
+    200: {"description": "The job of an earlier request with the same Idempotency-Key", "model": AcceptedResponse},
+    413: {"description": "The body or the image is too large"},
+    415: {"description": "Unsupported content type or image format"},
+}
 
 SUBMIT_DOC = """Submit an image to animate.
 
 Send **multipart/form-data** with an `image` file (PNG, JPEG or WebP) and optional fields, or
 **application/json** with `imageUrl` or `imageBase64`. Optional fields: `prompt`, `model`,
 `numFrames`, `fps`, `motionBucketId`, `noiseAugStrength`, `numInferenceSteps`, `minGuidanceScale`,
-`maxGuidanceScale`, `seed`, `width`/`height` (multiples of 64), `outputs`, `priority`
-(high|normal|low), `provider`, `webhookUrl`, `metadata`. Answers 202 with the job id at once."""
+`maxGuidanceScale`, `seed`, `width`/`height` (multiples of 64), `outputs` (any of `mp4`,
+`webm`, `gif`, `webp`, `thumbnail`, `frames`; default `mp4,thumbnail`), `interpolateFps`, `loop`,
+`cache` (false skips the result cache), `priority` (high|normal|low), `provider`, `webhookUrl`,
+`metadata`. Header `Idempotency-Key` returns the same job for a repeat. Answers 202 with the job id
+at once (200 with `status: completed` when an identical earlier request with a fixed seed is reused)."""
 
 
 @router.post("", status_code=202, response_model=AcceptedResponse, description=SUBMIT_DOC,
-             responses={422: {"description": "Invalid input (problem+json)"}})
+             responses={422: {"description": "Invalid input (problem+json)"}, **SUBMIT_PROBLEMS},
+             openapi_extra={"requestBody": submission_request_body()})
 async def submit(
     request: Request,
     services: ServicesDep,
-    owner: OwnerDep,
+    owner: SubmitOwnerDep,
+    admission: JobAdmissionDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
     model_label = "unknown"
     try:
-        submission = await read_submission(request, services.settings.max_upload_bytes)
+        submission = await read_submission(
+            request, services.settings.max_upload_bytes, services.security.url_policy,
+            services.settings.url_fetch_timeout_s,
+        )
         model_label = submission.options.model or services.settings.default_model
         record, created = await submit_job(services, owner, submission, idempotency_key)
+        admission.accepted(created)  # a repeat of an Idempotency-Key costs no quota
     except SvdServeError as exc:
         SUBMISSIONS.labels(str(exc.status), model_label if exc.code != "unknown_model" else "unknown").inc()
         raise
@@ -54,15 +77,16 @@ async def submit(
     return JSONResponse(body.model_dump(mode="json", by_alias=True), status_code=202 if created else 200)
 
 
-@router.get("/status/{job_id}", response_model=JobStatusResponse, response_model_by_alias=True)
-async def status(job_id: str, services: ServicesDep, owner: OwnerDep) -> JobStatusResponse:
+@router.get("/status/{job_id}", response_model=JobStatusResponse, response_model_by_alias=True,
+            responses=READ_PROBLEMS)
+async def status(services: ServicesDep, owner: OwnerDep, job_id: JobIdPath) -> JobStatusResponse:
     record = await services.jobs.get(job_id, owner_id=owner)
     if record is None:
         raise NotFound(f"Job {job_id} was not found.")
     return await job_view(services, record)
 
 
-@router.get("", response_model=JobListResponse, response_model_by_alias=True)
+@router.get("", response_model=JobListResponse, response_model_by_alias=True, responses=READ_PROBLEMS)
 async def list_jobs(
     services: ServicesDep,
     owner: OwnerDep,
@@ -74,8 +98,9 @@ async def list_jobs(
     return JobListResponse(jobs=[await job_view(services, r, live=False) for r in records], next_cursor=next_cursor)
 
 
-@router.delete("/{job_id}", response_model=JobStatusResponse, response_model_by_alias=True)
-async def cancel(job_id: str, services: ServicesDep, owner: OwnerDep) -> JobStatusResponse:
+@router.delete("/{job_id}", response_model=JobStatusResponse, response_model_by_alias=True,
+               responses={**READ_PROBLEMS, 409: {"description": "The job has already ended (problem+json)"}})
+async def cancel(services: ServicesDep, owner: SubmitOwnerDep, job_id: JobIdPath) -> JobStatusResponse:
     before = await services.jobs.get(job_id, owner_id=owner)
     record = await cancel_job(services, owner, job_id)
     CANCELS.labels(before.status.value if before else "unknown").inc()

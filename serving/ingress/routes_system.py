@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.registry import list_specs
 from serving.db.migrate import check_migrated
 from serving.errors import NotFound, SvdServeError
-from serving.ingress.deps import ServicesDep
+from serving.ingress.deps import OwnerDep, ServicesDep
 from serving.ingress.problems import problem
 from serving.ingress.schemas import ModelInfo, ModelListResponse
 from serving.storage import LocalStorage
@@ -44,13 +44,14 @@ async def readyz(services: ServicesDep) -> Response:
     return problem(503, "not_ready", "A dependency is unavailable.", checks=checks)
 
 
-@router.get("/metrics", tags=["system"])
+@router.get("/metrics", tags=["system"], response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/v1/models", response_model=ModelListResponse, response_model_by_alias=True, tags=["models"])
-async def models(services: ServicesDep) -> ModelListResponse:
+async def models(services: ServicesDep, owner: OwnerDep) -> ModelListResponse:  # any key with `read`
     infos = [
         ModelInfo(
             name=s.name,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from serving.types import JobStatus, Priority
 
-OutputKind = Literal["mp4", "thumbnail"]
+OutputKind = Literal["mp4", "webm", "gif", "webp", "thumbnail", "frames"]
+OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
+OutputName = Annotated[str, Field(json_schema_extra={"enum": list(OUTPUT_KINDS)})]
 
 
 class ApiModel(BaseModel):
@@ -32,7 +34,12 @@ class AnimateOptions(ApiModel):
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     width: int | None = None
     height: int | None = None
-    outputs: list[OutputKind] | None = None
+    # Plain strings here so that `validation.resolve_outputs` can refuse an unknown name with its
+    # own code (`invalid_outputs`); the model's JSON schema still lists the allowed names.
+    outputs: list[OutputName] | None = Field(default=None, max_length=16)
+    interpolate_fps: int | None = Field(default=None, ge=2, le=60)  # must exceed `fps`
+    loop: bool = False  # ping-pong: the clip forwards then backwards
+    cache: bool = True  # False: never complete from an identical earlier job
     priority: Priority = Priority.NORMAL
     provider: Literal["local", "auto"] = "auto"
     webhook_url: str | None = Field(default=None, max_length=2048)
@@ -71,6 +78,9 @@ class JobStatusResponse(ApiModel):
     result_url: str | None
     thumbnail_url: str | None
     outputs: dict[str, str]
+    checksums: dict[str, str] = {}  # output kind -> hex SHA-256 of its bytes
+    cached: bool = False
+    cached_from: str | None = None
     error: ErrorInfo | None
     timings: dict[str, float]
     gpu_seconds: float | None

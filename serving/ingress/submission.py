@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import uuid
 
 import structlog
@@ -15,7 +13,9 @@ from serving.errors import CapacityError, Conflict, InvalidTransition, NotFound
 from serving.ingress.deps import Services
 from serving.ingress.image_input import Submission
 from serving.ingress.validation import check_image, resolve_params
+from serving.result_cache import ResultCache, cache_applies, input_hash
 from serving.types import JobStatus, QueuedJob
+from serving.webhooks.urlpolicy import validate_webhook_url
 
 log = structlog.get_logger(__name__)
 
@@ -24,19 +24,16 @@ def input_key(owner_id: str, job_id: str, extension: str) -> str:
     return f"{owner_id}/{job_id}/input.{extension}"
 
 
-def _input_hash(image: bytes, params: dict[str, object]) -> str:
-    digest = hashlib.sha256(image)
-    digest.update(json.dumps(params, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
 async def submit_job(
     services: Services, owner_id: str, submission: Submission, idempotency_key: str | None
 ) -> tuple[JobRecord, bool]:
     """Validate, then store, record and enqueue. Returns (job, created). Any failure after the
     first write undoes what was written, so a refused or failed submission leaves nothing."""
     params = resolve_params(submission.options, services.settings.default_model)
-    image = check_image(submission.image_bytes)
+    # Decoding and re-encoding a large photo takes about a second: keep it off the event loop.
+    image = await asyncio.to_thread(check_image, submission.image_bytes)
+    if submission.options.webhook_url:
+        await validate_webhook_url(submission.options.webhook_url, services.settings)
     if idempotency_key:
         existing = await services.jobs.find_by_idempotency_key(owner_id, idempotency_key)
         if existing is not None:
@@ -45,6 +42,11 @@ async def submit_job(
     job_id = str(uuid.uuid4())
     key = input_key(owner_id, job_id, image.extension)
     options = submission.options
+    request_hash = input_hash(image.data, params, prompt=options.prompt, provider=options.provider)
+    cache = ResultCache(services.jobs, services.storage)
+    source = None
+    if cache_applies(services.settings, seed=options.seed, cache=options.cache):
+        source = await cache.find(owner_id, request_hash)
     await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
     try:
         record = await services.jobs.create(
@@ -58,7 +60,7 @@ async def submit_job(
             metadata=options.metadata or {},
             webhook_url=options.webhook_url,
             idempotency_key=idempotency_key,
-            input_hash=_input_hash(image.data, params.to_json()),
+            input_hash=request_hash,
             max_attempts=services.settings.job_attempts,
         )
     except DuplicateIdempotencyKey as exc:
@@ -68,6 +70,18 @@ async def submit_job(
     except BaseException:
         await asyncio.to_thread(services.storage.delete, key)
         raise
+    if source is not None:
+        # An identical earlier job: complete from its outputs, never enqueued, no GPU.
+        try:
+            record = await cache.complete(record, source)
+        except BaseException:
+            await services.jobs.delete(job_id)
+            await asyncio.to_thread(services.storage.delete, key)
+            raise
+        if services.delivery is not None:
+            # Its one outcome, announced like any job's: a `completed` event and webhook.
+            await services.delivery.notifier.job_changed(record)
+        return record, True
     try:
         await services.queue.add(
             QueuedJob(job_id=job_id, owner_id=owner_id),
@@ -81,7 +95,17 @@ async def submit_job(
         await asyncio.to_thread(services.storage.delete, key)
         raise CapacityError("The job queue is unavailable; try again shortly.", code="queue_unavailable") from exc
     log.info("job_accepted", job_id=job_id, owner_id=owner_id, model=params.model, source=submission.source)
+    if services.delivery is not None:
+        await services.delivery.notifier.job_changed(record, queue_position=await _position(services, job_id))
     return record, True
+
+
+async def _position(services: Services, job_id: str) -> int | None:
+    try:
+        return await services.queue.position(job_id)
+    except Exception as exc:  # the job is accepted; a missing position only makes the event vaguer
+        log.warning("queue_position_failed", job_id=job_id, error=repr(exc))
+        return None
 
 
 async def cancel_job(services: Services, owner_id: str, job_id: str) -> JobRecord:
@@ -96,9 +120,12 @@ async def cancel_job(services: Services, owner_id: str, job_id: str) -> JobRecor
     if record.status is JobStatus.QUEUED:
         await services.queue.remove(job_id)
     try:
-        return await services.jobs.transition(job_id, JobStatus.CANCELED, stage="canceled")
+        canceled = await services.jobs.transition(job_id, JobStatus.CANCELED, stage="canceled")
     except InvalidTransition:
         # It finished in the meantime: that outcome stands.
         current = await services.jobs.get(job_id, owner_id=owner_id)
         state = current.status.value if current else "finished"
         raise Conflict(f"Job {job_id} is already {state}.", code="job_finished") from None
+    if services.delivery is not None:
+        await services.delivery.notifier.job_changed(canceled)  # the event and the canceled webhook
+    return canceled

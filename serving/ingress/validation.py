@@ -2,63 +2,82 @@
 
 from __future__ import annotations
 
-import io
+import json
 import secrets
 from dataclasses import dataclass
-
-from PIL import Image, UnidentifiedImageError
+from typing import Any
 
 from models.errors import UnknownModel
 from models.registry import get_spec
 from models.specs import ModelSpec
-from serving.errors import InvalidInput
-from serving.ingress.schemas import AnimateOptions
+from serving.errors import InvalidInput, UnsupportedMediaType
+from serving.ingress.schemas import OUTPUT_KINDS, AnimateOptions
+from serving.media import interpolated_frame_count, ping_pong_frame_count
+from serving.security.images import decode_and_reencode, hidden_trailer, sniff_format
 from serving.types import JobParams
 
 ALLOWED_IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 MAX_IMAGE_PIXELS = 4096 * 4096
 SIZE_MULTIPLE = 64
+DEFAULT_OUTPUTS = ("mp4", "thumbnail")
+# Frames after interpolation and looping: bounds what one job holds in memory while it is
+# encoded (384 frames of 1024x576 RGB are 680 MB) and how long its outputs play.
+MAX_OUTPUT_FRAMES = 384
+
+
+# Far below Pillow's own bomb limit (89 Mpx): a 12 Mpx phone photo passes, a bomb fails on its header.
+MAX_IMAGE_SIDE = 8192
+MAX_METADATA_BYTES = 16 * 1024  # `metadata` as compact JSON
+MAX_METADATA_DEPTH = 8
 
 
 @dataclass(frozen=True)
 class CheckedImage:
+    """An accepted input image, re-encoded as PNG: only its pixels are ever stored."""
+
     data: bytes
     extension: str
     content_type: str
     width: int
     height: int
+    source_format: str = "PNG"  # what the client sent: PNG, JPEG or WEBP
 
 
 def check_image(data: bytes) -> CheckedImage:
-    """Accept PNG, JPEG or WebP that actually decodes; refuse anything else with a clear reason."""
+    """Accept PNG, JPEG or WebP that decodes within the pixel limit; refuse other image formats
+    with 415, anything else (not an image, truncated, a polyglot, a bomb) with 422."""
     if not data:
         raise InvalidInput("The image is empty.", code="empty_image")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt = probe.format or ""
-            width, height = probe.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise InvalidInput(
-                    f"The image is {width}x{height}; at most {MAX_IMAGE_PIXELS} pixels are accepted.",
-                    code="image_too_large",
-                )
-            probe.verify()
-        with Image.open(io.BytesIO(data)) as full:
-            full.load()  # verify() does not decode pixel data; a truncated file fails here
-    except InvalidInput:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(
-            "The file is not an image we can read (PNG, JPEG or WebP expected).", code="invalid_image"
-        ) from exc
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidInput("The file is not an image we can read (PNG, JPEG or WebP expected).", code="invalid_image")
     if fmt not in ALLOWED_IMAGE_FORMATS:
-        raise InvalidInput(
-            f"Image format {fmt or 'unknown'} is not supported; send PNG, JPEG or WebP.",
-            code="invalid_image",
-        )
-    ext = ALLOWED_IMAGE_FORMATS[fmt]
-    content_type = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[ext]
-    return CheckedImage(data=data, extension=ext, content_type=content_type, width=width, height=height)
+        raise UnsupportedMediaType(f"Image format {fmt} is not supported; send PNG, JPEG or WebP.",
+                                   code="unsupported_image_format")
+    if hidden_trailer(data, fmt):
+        raise InvalidInput(f"The file carries data after the end of its {fmt} image.", code="invalid_image")
+    png, width, height = decode_and_reencode(data, fmt, max_pixels=MAX_IMAGE_PIXELS, max_side=MAX_IMAGE_SIDE)
+    return CheckedImage(data=png, extension="png", content_type="image/png", width=width, height=height,
+                        source_format=fmt)
+
+
+def check_metadata(metadata: dict[str, Any] | None) -> None:
+    """`metadata` is stored and echoed on every read: bounded in size and nesting."""
+    if not metadata:
+        return
+    size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_METADATA_BYTES:
+        raise InvalidInput(f"`metadata` is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are accepted.",
+                           code="metadata_too_large")
+
+    def depth(value: Any, level: int = 1) -> int:
+        if level > MAX_METADATA_DEPTH:
+            return level
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        return max((depth(child, level + 1) for child in children), default=level)
+
+    if depth(metadata) > MAX_METADATA_DEPTH:
+        raise InvalidInput(f"`metadata` is nested deeper than {MAX_METADATA_DEPTH} levels.", code="metadata_too_large")
 
 
 def _check_range(value: int, low: int, high: int, field: str, model: str, code: str) -> None:
@@ -99,15 +118,14 @@ def resolve_params(options: AnimateOptions, default_model: str) -> JobParams:
             code="invalid_guidance",
         )
 
-    outputs = tuple(dict.fromkeys(options.outputs)) if options.outputs else ("mp4", "thumbnail")
-    if "mp4" not in outputs:
-        outputs = ("mp4", *outputs)  # the video is the job's result; other outputs come with it
+    fps = options.fps if options.fps is not None else spec.default_fps
+    check_output_frames(num_frames, fps, options.interpolate_fps, options.loop)
     return JobParams(
         model=spec.name,
         width=width,
         height=height,
         num_frames=num_frames,
-        fps=options.fps if options.fps is not None else spec.default_fps,
+        fps=fps,
         motion_bucket_id=options.motion_bucket_id if options.motion_bucket_id is not None else spec.default_motion_bucket_id,
         noise_aug_strength=options.noise_aug_strength if options.noise_aug_strength is not None else spec.default_noise_aug_strength,
         num_inference_steps=steps,
@@ -115,5 +133,45 @@ def resolve_params(options: AnimateOptions, default_model: str) -> JobParams:
         min_guidance_scale=min_guidance,
         max_guidance_scale=max_guidance,
         decode_chunk_size=spec.default_decode_chunk_size,
-        outputs=outputs,
+        outputs=resolve_outputs(options.outputs),
+        interpolate_fps=options.interpolate_fps,
+        loop=options.loop,
     )
+
+
+def resolve_outputs(requested: list[str] | None) -> tuple[str, ...]:
+    """The outputs to produce, in request order without repeats; the MP4 always comes along."""
+    if not requested:
+        return DEFAULT_OUTPUTS
+    unknown = [name for name in dict.fromkeys(requested) if name not in OUTPUT_KINDS]
+    if unknown:
+        names = ", ".join(f"`{name}`" for name in unknown)
+        raise InvalidInput(
+            f"Unknown output {names}; `outputs` may hold {', '.join(OUTPUT_KINDS)}.", code="invalid_outputs"
+        )
+    outputs = tuple(dict.fromkeys(requested))
+    if "mp4" not in outputs:
+        outputs = ("mp4", *outputs)  # the video is the job's result; other outputs come with it
+    return outputs
+
+
+def check_output_frames(num_frames: int, fps: int, interpolate_fps: int | None, loop: bool) -> None:
+    """Refuse an interpolation target that is not above `fps` or a clip longer than we encode."""
+    count = num_frames
+    if interpolate_fps is not None:
+        if interpolate_fps <= fps:
+            raise InvalidInput(
+                f"`interpolateFps` must be higher than `fps` ({fps}) but is {interpolate_fps}.",
+                code="invalid_interpolate_fps",
+            )
+        count = interpolated_frame_count(num_frames, fps, interpolate_fps)
+    if loop:
+        count = ping_pong_frame_count(count)
+    if count > MAX_OUTPUT_FRAMES:
+        raise InvalidInput(
+            f"{num_frames} frames at {fps} fps"
+            + (f" interpolated to {interpolate_fps} fps" if interpolate_fps is not None else "")
+            + (" and looped" if loop else "")
+            + f" make {count} frames; at most {MAX_OUTPUT_FRAMES} are allowed.",
+            code="invalid_interpolate_fps" if interpolate_fps is not None else "invalid_num_frames",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 from serving.db.jobs import JobRecord
 from serving.ingress.deps import Services
@@ -12,10 +13,23 @@ from serving.uris import key_from_uri
 
 
 async def _signed_url(services: Services, uri: str | None) -> str | None:
+    """A download URL: the CDN's (base + key) when one is configured, else freshly presigned."""
     if not uri:
         return None
     key = key_from_uri(uri)
+    cdn = services.settings.cdn_base_url
+    if cdn:
+        return f"{cdn.rstrip('/')}/{quote(key, safe='/')}"
     return await asyncio.to_thread(services.storage.url, key, services.settings.presign_ttl_s)
+
+
+async def _output_urls(services: Services, record: JobRecord) -> dict[str, str]:
+    """A URL for every stored output, by kind; rows from before the outputs map have two."""
+    uris = {kind: str(stored["uri"]) for kind, stored in record.outputs.items()}
+    if not uris:
+        uris = {kind: uri for kind, uri in (("mp4", record.result_url), ("thumbnail", record.thumbnail_url)) if uri}
+    urls = await asyncio.gather(*(_signed_url(services, uri) for uri in uris.values()))
+    return {kind: url for kind, url in zip(uris, urls, strict=True) if url}
 
 
 async def job_view(services: Services, record: JobRecord, *, live: bool = True) -> JobStatusResponse:
@@ -30,7 +44,8 @@ async def job_view(services: Services, record: JobRecord, *, live: bool = True) 
         position = await services.queue.position(record.id)
     result_url = await _signed_url(services, record.result_url)
     thumbnail_url = await _signed_url(services, record.thumbnail_url)
-    outputs = {name: url for name, url in (("mp4", result_url), ("thumbnail", thumbnail_url)) if url}
+    outputs = await _output_urls(services, record)
+    checksums = {kind: str(stored["sha256"]) for kind, stored in record.outputs.items() if stored.get("sha256")}
     error = ErrorInfo(code=record.error_code, message=record.error_message or "") if record.error_code else None
     return JobStatusResponse(
         job_id=record.id,
@@ -47,6 +62,9 @@ async def job_view(services: Services, record: JobRecord, *, live: bool = True) 
         result_url=result_url,
         thumbnail_url=thumbnail_url,
         outputs=outputs,
+        checksums=checksums,
+        cached=record.cached,
+        cached_from=record.cached_from,
         error=error,
         timings=record.timings,
         gpu_seconds=record.gpu_seconds,

@@ -14,9 +14,12 @@ from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
 from serving.db.migrate import check_migrated
 from serving.keys import Keys
+from serving.logs import configure_service_logging
 from serving.queue import QueueConsumer
 from serving.settings import Settings
+from serving.storage import make_storage
 from serving.types import GenerationRequest, GenerationResult, PostProcessRequest, PostProcessResult
+from serving.webhooks.services import build_worker_delivery
 from serving.worker.generation import GenerationService
 from serving.worker.local_backend import LocalRayBackend
 from serving.worker.postprocessing import PostProcessingService
@@ -30,6 +33,7 @@ class Generator:
     """Runs the SVD pipeline; weights load in the constructor so the replica is ready only after."""
 
     def __init__(self, settings: Settings) -> None:
+        configure_service_logging(settings)
         self._service = GenerationService(settings)
         self._service.warm_up(settings.default_model)
 
@@ -43,6 +47,7 @@ class PostProcessor:
     """Encodes H.264 MP4 + JPEG thumbnail with ffmpeg and uploads them."""
 
     def __init__(self, settings: Settings) -> None:
+        configure_service_logging(settings)
         self._service = PostProcessingService(settings)
 
     async def process(self, request: PostProcessRequest, frames: np.ndarray) -> PostProcessResult:
@@ -57,16 +62,22 @@ class Dispatcher:
     """Consumes the Redis queue and drives each job through the Generator and the PostProcessor."""
 
     async def __init__(self, settings: Settings, generator: DeploymentHandle, postprocessor: DeploymentHandle) -> None:
+        configure_service_logging(settings)
         if not settings.redis_url:
             raise RuntimeError("REDIS_URL is not set: the dispatcher needs the queue's Redis.")
         self._engine = make_engine(settings.resolved_database_url)
         await check_migrated(self._engine)
         self._redis = aioredis.Redis.from_url(settings.redis_url)
+        # Events and webhooks: the runner tells the sink; the delivery loop sends webhooks from
+        # here because this replica already holds the DB and Redis and runs for as long as jobs
+        # do (several replicas share the due deliveries through leases).
+        self._delivery = build_worker_delivery(settings, make_session_factory(self._engine), make_storage(settings))
         runner = JobRunner(
             JobRepository(make_session_factory(self._engine)),
             LocalRayBackend(generator, postprocessor),
             self._redis,
             Keys(settings.key_prefix),
+            self._delivery.sink,
         )
         self._consumer = QueueConsumer(
             settings.redis_url,
@@ -77,6 +88,7 @@ class Dispatcher:
             stalled_interval_ms=settings.lock_duration_ms,
         )
         await self._consumer.start()
+        await self._delivery.start()
         log.info("dispatcher_started", queue=settings.queue_name)
 
     async def ping(self) -> str:
@@ -87,6 +99,7 @@ class Dispatcher:
 
     async def __del__(self) -> None:
         await self._consumer.close(wait_for_active=False)
+        await self._delivery.aclose()
         await self._redis.aclose()
         await self._engine.dispose()
 

@@ -17,6 +17,7 @@ from pipelines import VideoPipeline, load_pipeline
 from pipelines.errors import GenerationCanceled
 from pipelines.params import VideoParams
 from serving.errors import JobCanceled
+from serving.events import SyncEventPublisher
 from serving.keys import PROGRESS_TTL_S, Keys
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
@@ -49,6 +50,9 @@ class GenerationService:
             raise RuntimeError("REDIS_URL is not set: the generator reports progress through Redis.")
         self._redis = redis.Redis.from_url(settings.redis_url)
         self._keys = Keys(settings.key_prefix)
+        self._events = SyncEventPublisher(
+            self._redis, self._keys, ttl_s=settings.events_ttl_s, max_len=settings.events_max_len
+        )
 
     def warm_up(self, model: str) -> None:
         """Load weights before the replica reports ready (STYLE 3/11)."""
@@ -67,6 +71,10 @@ class GenerationService:
         self._redis.hset(key, mapping={"progress": f"{fraction:.4f}", "stage": Stage.DENOISING.value,
                                        "step": step, "steps": steps})
         self._redis.expire(key, PROGRESS_TTL_S)
+        try:
+            self._events.progress(job_id, stage=Stage.DENOISING.value, progress=fraction, step=step, steps=steps)
+        except redis.RedisError as exc:  # a missed progress event must not stop the denoising
+            log.warning("progress_event_failed", job_id=job_id, error=repr(exc))
 
     def _canceled(self, job_id: str) -> bool:
         return bool(self._redis.exists(self._keys.cancel(job_id)))

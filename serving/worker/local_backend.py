@@ -34,7 +34,7 @@ class LocalRayBackend:
 
     @staticmethod
     def _post_request(job: RenderJob) -> PostProcessRequest:
-        return PostProcessRequest(job_id=job.job_id, owner_id=job.owner_id, fps=job.params.fps, outputs=job.params.outputs)
+        return PostProcessRequest.for_job(job)
 
     async def render(self, job: RenderJob, on_stage: StageCallback) -> RenderOutcome:
         await on_stage(Stage.DENOISING, 0.0)

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import structlog
 
 from pipelines.errors import NonFiniteOutput
 from serving.backend import StageCallback, VideoBackend
-from serving.db.jobs import JobRecord, JobRepository
+from serving.db.jobs import JobChanges, JobRecord, JobRepository
 from serving.errors import InvalidTransition, JobCanceled, NotFound, PermanentError, RetryableError
+from serving.events import JobEventSink, SinkGroup
 from serving.keys import Keys
 from serving.queue import ConsumedJobInfo
 from serving.uris import key_from_uri
 from serving.types import JobParams, JobStatus, QueuedJob, RenderJob, RenderOutcome, Stage
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = structlog.get_logger(__name__)
 
@@ -31,11 +36,20 @@ STAGE_PROGRESS = {Stage.LOADING: 0.0, Stage.ENCODING: 0.92, Stage.UPLOADING: 0.9
 class JobRunner:
     """Runs one leased job to a terminal state (or back to the queue for another attempt)."""
 
-    def __init__(self, jobs: JobRepository, backend: VideoBackend, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self,
+        jobs: JobRepository,
+        backend: VideoBackend,
+        redis: aioredis.Redis,
+        keys: Keys,
+        events: JobEventSink | None = None,
+    ) -> None:
         self._jobs = jobs
         self._backend = backend
         self._redis = redis
         self._keys = keys
+        # Told of every status change and progress report: live events and outcome webhooks.
+        self._events: JobEventSink = events if events is not None else SinkGroup()
 
     async def handle(self, queued: QueuedJob, info: ConsumedJobInfo) -> None:
         record = await self._jobs.get(queued.job_id)
@@ -44,6 +58,10 @@ class JobRunner:
             return
         if record.status.terminal:
             log.info("job_already_final", job_id=record.id, status=record.status.value)
+            # A holder that died between its final transition and telling the sink leaves the
+            # job here again: announce once more (the event stream and the webhook outbox
+            # both keep one outcome per job, so a repeat adds nothing).
+            await self._events.job_changed(record)
             return
         if await self._redis.exists(self._keys.cancel(record.id)):
             await self._finish_canceled(record.id)
@@ -77,10 +95,10 @@ class JobRunner:
     async def _start(self, record: JobRecord) -> JobRecord:
         if record.status is JobStatus.PROCESSING:
             # The previous holder died mid-job and the queue handed the job to us: take it over.
-            await self._jobs.transition(record.id, JobStatus.QUEUED, stage="requeued")
+            await self._transition(record.id, JobStatus.QUEUED, stage="requeued")
         queue_wait = (datetime.now(timezone.utc) - _aware(record.created_at)).total_seconds()
         timings = {"queue_wait_s": round(queue_wait, 4)} if record.started_at is None else {}
-        return await self._jobs.transition(
+        return await self._transition(
             record.id,
             JobStatus.PROCESSING,
             stage=Stage.LOADING.value,
@@ -93,6 +111,7 @@ class JobRunner:
         async def on_stage(stage: Stage, progress: float) -> None:
             await self._jobs.update_progress(job_id, progress=progress, stage=stage.value)
             await self._redis.hset(self._keys.progress(job_id), mapping={"progress": progress, "stage": stage.value})
+            await self._events.job_progress(job_id, stage=stage.value, progress=progress)
 
         return on_stage
 
@@ -103,13 +122,14 @@ class JobRunner:
         total = (datetime.now(timezone.utc) - _aware(record.created_at)).total_seconds()
         timings["total_s"] = round(total, 4)
         try:
-            await self._jobs.transition(
+            await self._transition(
                 record.id,
                 JobStatus.COMPLETED,
                 stage=Stage.DONE.value,
                 progress=1.0,
                 result_url=mp4.uri if mp4 else None,
                 thumbnail_url=thumb.uri if thumb else None,
+                outputs={kind: stored.to_json() for kind, stored in outcome.objects.items()},
                 gpu_seconds=outcome.gpu_seconds,
                 timings=timings,
             )
@@ -122,25 +142,31 @@ class JobRunner:
 
     async def _finish_canceled(self, job_id: str) -> None:
         try:
-            await self._jobs.transition(job_id, JobStatus.CANCELED, stage="canceled")
+            await self._transition(job_id, JobStatus.CANCELED, stage="canceled")
         except (InvalidTransition, NotFound):
             pass  # already canceled by the ingress (the usual case) or gone
         log.info("job_canceled", job_id=job_id)
 
     async def _fail(self, job_id: str, code: str, message: str) -> None:
         try:
-            await self._jobs.transition(job_id, JobStatus.ERROR, error_code=code, error_message=message[:2000])
+            await self._transition(job_id, JobStatus.ERROR, error_code=code, error_message=message[:2000])
         except InvalidTransition:
             pass  # canceled meanwhile; that outcome stands
         log.error("job_failed", job_id=job_id, code=code, error=message)
 
     async def _requeue(self, job_id: str, exc: Exception) -> None:
         try:
-            await self._jobs.transition(
+            await self._transition(
                 job_id, JobStatus.QUEUED, stage="retrying", error_code="attempt_failed", error_message=str(exc)[:2000]
             )
         except InvalidTransition:
             pass
+
+    async def _transition(self, job_id: str, to: JobStatus, **fields: Unpack[JobChanges]) -> JobRecord:
+        """Every status change the runner makes: the guarded transition, then the sink hears."""
+        record = await self._jobs.transition(job_id, to, **fields)
+        await self._events.job_changed(record)
+        return record
 
 
 def _aware(moment: datetime) -> datetime:

@@ -72,6 +72,7 @@ async def ingress(database_url: str, redis_url: str, unique_prefix: str, tmp_pat
         key_prefix=unique_prefix,
         api_keys=f"alice-{unique_prefix}:key-alice,bob-{unique_prefix}:key-bob",  # type: ignore[arg-type]
         storage_dir=tmp_path / "storage",
+        allow_private_urls=True,  # test_accepts_json_image_url serves its image on loopback
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):

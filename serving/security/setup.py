@@ -1,0 +1,51 @@
+"""The security services of one ingress, built once in the lifespan from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from serving.keys import Keys
+from serving.netguard import UrlPolicy
+from serving.security.api_keys import ApiKeyRepository
+from serving.security.auth import Authenticator
+from serving.security.quotas import QuotaLimits, Quotas
+from serving.security.rate_limits import TokenBucketLimiter
+from serving.settings import Settings
+
+
+@dataclass
+class SecurityServices:
+    """Authentication, rate limits, quotas and the outbound URL policy."""
+
+    api_keys: ApiKeyRepository
+    authenticator: Authenticator
+    rate_limiter: TokenBucketLimiter
+    quotas: Quotas
+    url_policy: UrlPolicy
+
+
+def build_security(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: aioredis.Redis, keys: Keys
+) -> SecurityServices:
+    api_keys = ApiKeyRepository(sessions)
+    return SecurityServices(
+        api_keys=api_keys,
+        authenticator=Authenticator(api_keys, settings.api_key_owners(), disabled=settings.auth_disabled),
+        rate_limiter=TokenBucketLimiter(
+            redis, keys, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
+        ),
+        quotas=Quotas(
+            redis,
+            keys,
+            sessions,
+            QuotaLimits(
+                max_concurrent_jobs=settings.max_concurrent_jobs,
+                max_jobs_per_day=settings.max_jobs_per_day,
+                max_gpu_seconds_per_month=settings.max_gpu_seconds_per_month,
+            ),
+        ),
+        url_policy=UrlPolicy.from_settings(settings),
+    )
