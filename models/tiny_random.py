@@ -14,15 +14,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import (
-    AutoencoderKLTemporalDecoder,
-    EulerDiscreteScheduler,
-    StableVideoDiffusionPipeline,
-    UNetSpatioTemporalConditionModel,
-)
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from models.errors import ModelError
+from models.svd_scheduler import svd_feature_extractor, svd_scheduler
 
 SEED = 0
 _EMBED_DIM = 32  # CLIP projection size == UNet cross-attention size
@@ -72,25 +68,6 @@ def _image_encoder() -> CLIPVisionModelWithProjection:
     return CLIPVisionModelWithProjection(config)
 
 
-def _scheduler() -> EulerDiscreteScheduler:
-    # The scheduler config shipped with stabilityai/stable-video-diffusion-img2vid(-xt).
-    return EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        interpolation_type="linear",
-        num_train_timesteps=1000,
-        prediction_type="v_prediction",
-        sigma_max=700.0,
-        sigma_min=0.002,
-        steps_offset=1,
-        timestep_spacing="leading",
-        timestep_type="continuous",
-        trained_betas=None,
-        use_karras_sigmas=True,
-    )
-
-
 def tiny_random_pipeline() -> StableVideoDiffusionPipeline:
     """The tiny pipeline in memory; the same weights on every call."""
     # fork_rng: seeding must not disturb the caller's global RNG state.
@@ -105,8 +82,8 @@ def tiny_random_pipeline() -> StableVideoDiffusionPipeline:
         vae=vae,
         image_encoder=image_encoder,
         unet=unet,
-        scheduler=_scheduler(),
-        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+        scheduler=svd_scheduler(),
+        feature_extractor=svd_feature_extractor(),
     )
 
 

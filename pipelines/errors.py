@@ -22,3 +22,19 @@ class GenerationCanceled(PipelineError):
 
 class NonFiniteOutput(PipelineError):
     """The decoded video holds NaN or infinite values (typically an fp16 overflow)."""
+
+
+class OutOfMemory(PipelineError):
+    """The device ran out of memory even after the engine stepped down (smaller decode chunk,
+    smaller batch) and retried once. Retryable: the next request on the replica runs normally."""
+
+
+class CallbackFailed(PipelineError):
+    """A request's own progress or cancel callback raised; only that request stopped.
+
+    The original exception is the `__cause__`.
+    """
+
+
+class EngineConfigError(PipelineError, ValueError):
+    """The engine options cannot be applied (an unknown preset, an impossible combination)."""
