@@ -119,6 +119,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run scripts/bench_gpu.py's `main` (loaded by path: `scripts/` is not an installed package)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", script)
+    if spec is None or spec.loader is None or not script.is_file():
+        print(f"svd-serve bench runs from a checkout of the repository; {script} is missing", file=sys.stderr)
+        return 2
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return int(module.main(args.bench_args))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import get_spec, list_specs
 
@@ -186,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     download = models_sub.add_parser("download")
     download.add_argument("name")
     models.set_defaults(func=cmd_models)
+
+    # Every argument, --help included, belongs to the benchmark's own parser: with a prefix other
+    # than "-" this subparser treats them all as positionals and hands them over untouched.
+    bench = sub.add_parser("bench", help="benchmark diffusers vs the engine presets (scripts/bench_gpu.py)",
+                           add_help=False, prefix_chars="+")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
 
     keys = sub.add_parser("keys", help="create, list or revoke API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

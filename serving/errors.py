@@ -104,6 +104,20 @@ class RateLimited(SvdServeError):
         self.headers = dict(headers or {})
 
 
+class QueueFull(RateLimited):
+    """The queue of this priority is at its bound (backpressure); Retry-After from the drain rate."""
+
+    code = "queue_full"
+    status = 429
+
+
+class ServiceSaturated(RateLimited):
+    """The whole queue is at its bound: the service itself is saturated (503 with Retry-After)."""
+
+    code = "service_saturated"
+    status = 503
+
+
 class UnsafeUrl(InvalidInput):
     """A URL we will not connect to: wrong scheme, or it leads to a private/internal address."""
 
@@ -114,3 +128,26 @@ class FetchFailed(InvalidInput):
     """A public URL could not be fetched (HTTP error, timeout, too many redirects)."""
 
     code = "fetch_failed"
+
+
+class BudgetExceeded(SvdServeError):
+    """The owner's monthly budget would be exceeded: new jobs are refused until it resets."""
+
+    code = "budget_exceeded"
+    status = 402
+
+
+class ProviderUnavailable(RetryableError):
+    """No provider may take the job now (local pool down and fallback off, or breakers open)."""
+
+    code = "provider_unavailable"
+
+
+class ProviderTaskFailed(PermanentError):
+    """A managed provider's task ended FAILED; `credits` is what the provider still charged."""
+
+    code = "provider_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, credits: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.credits = credits

@@ -12,11 +12,19 @@
   (`serving.security.rate_limits`); expires once the bucket would be full again.
 - `{prefix}:quota:{owner}:jobs:{YYYYMMDD}`  jobs accepted for the owner that UTC day; expires
   two days later (`serving.security.quotas`).
+- `{prefix}:idem:{owner}:{sha256(key)}`  "1" while a request with that Idempotency-Key is being
+  accepted (`serving.ingress.idempotency`); deleted when it ends, expires after 2 min regardless.
+- `{prefix}:drain:{queue}`  hash {ts -> jobs finished}: per-second completion counts of the queue,
+  the measured drain rate behind Retry-After and start estimates (`serving.backpressure`).
+- `{prefix}:metrics:{metric name}`  hash {sample suffix + label values -> number}: worker-side
+  Prometheus metrics aggregated across replicas (HINCRBYFLOAT), exported by the ingress
+  (`serving.metrics`); gauge hashes expire when no replica refreshes them.
 - BullMQ keeps its own keys under `bull:{queue_name}:*` (its format, readable by Node tooling).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 PROGRESS_TTL_S = 24 * 3600
@@ -47,3 +55,13 @@ class Keys:
 
     def jobs_per_day(self, owner_id: str, day: str) -> str:
         return f"{self.prefix}:quota:{owner_id}:jobs:{day}"
+
+    def idempotency_lock(self, owner_id: str, key: str) -> str:
+        # Hashed: the key is client text of up to 255 characters.
+        return f"{self.prefix}:idem:{owner_id}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def drain_rate(self, queue_name: str) -> str:
+        return f"{self.prefix}:drain:{queue_name}"
+
+    def metric(self, name: str) -> str:
+        return f"{self.prefix}:metrics:{name}"

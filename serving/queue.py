@@ -16,13 +16,16 @@ How BullMQ (Python 3.4.4, BullMQ 5 key format) serves jobs, which `position` mir
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from bullmq import Job, Queue, UnrecoverableError, Worker
+from bullmq.custom_errors import DelayedError
+from bullmq.redis_connection import loadScript
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -63,6 +66,46 @@ class ConsumedJobInfo:
 
 
 JobHandler = Callable[[QueuedJob, ConsumedJobInfo], Awaitable[None]]
+# Told of a handed-back job after its handler stopped and before the queue offers it again.
+BeforeRelease = Callable[[str], Awaitable[None]]
+# Told of a job BullMQ failed without running our handler: it stalled (its worker died) more
+# than `max_stalled_count` times, a poison job. Gets the job and BullMQ's reason.
+AbandonedHandler = Callable[[QueuedJob, str], Awaitable[None]]
+
+
+@dataclass
+class ActiveJob:
+    """A job this consumer holds right now (for draining: what to finish, what to hand back)."""
+
+    job_id: str
+    token: str
+    started: float  # time.monotonic() when the handler began
+    task: asyncio.Task[None]
+    handed_back: bool = field(default=False)
+    before_release: BeforeRelease | None = None
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # set once handed back
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A snapshot of the queue for backpressure, start estimates and autoscaling."""
+
+    waiting_by_priority: dict[int, int]  # BullMQ priority (1 high .. 3 low) -> waiting jobs
+    waiting_unprioritized: int  # the `wait` list: served before every prioritized job
+    active: int
+    delayed: int  # waiting out a retry backoff
+    finished_in_window: int  # jobs completed or failed within the last `window_s`
+    window_s: float
+    oldest_waiting_age_s: float  # 0 when nothing waits
+
+    @property
+    def waiting(self) -> int:
+        return self.waiting_unprioritized + sum(self.waiting_by_priority.values())
+
+    @property
+    def drain_rate_per_s(self) -> float:
+        """Jobs the workers finished per second, measured over the window."""
+        return self.finished_in_window / self.window_s if self.window_s > 0 else 0.0
 
 
 class JobQueue:
@@ -161,6 +204,51 @@ class JobQueue:
             "failed": raw["failed"],
         }
 
+    async def rank_in_priority(self, job_id: str, priority: int) -> int | None:
+        """Waiting jobs of `priority` served before this one, or None if it is not prioritized
+        and waiting."""
+        score = await self._queue.client.zscore(self._queue.keys["prioritized"], job_id)
+        if score is None:
+            return None
+        ahead = await self._queue.client.zcount(self._queue.keys["prioritized"], priority * 2**32, f"({score}")
+        return int(ahead)
+
+    async def stats(self, window_s: float, priorities: Collection[int] = (1, 2, 3)) -> QueueStats:
+        """Depth per priority, active, delayed, throughput over `window_s` and the oldest wait."""
+        keys = self._queue.keys
+        now_ms = time.time() * 1000
+        since = now_ms - window_s * 1000
+        async with self._queue.client.pipeline(transaction=True) as pipe:
+            pipe.llen(keys["wait"])
+            for priority in priorities:
+                # Prioritized scores are priority * 2^32 + a counter (see the module docstring).
+                pipe.zcount(keys["prioritized"], priority * 2**32, (priority + 1) * 2**32 - 1)
+            pipe.llen(keys["active"])
+            pipe.zcard(keys["delayed"])
+            # Finished sets are scored by finishedOn (ms).
+            pipe.zcount(keys["completed"], since, "+inf")
+            pipe.zcount(keys["failed"], since, "+inf")
+            pipe.lindex(keys["wait"], -1)  # the right end is served first: the oldest
+            for priority in priorities:
+                # FIFO within a priority: its first member is its oldest.
+                pipe.zrangebyscore(keys["prioritized"], priority * 2**32, (priority + 1) * 2**32 - 1, start=0, num=1)
+            raw = await pipe.execute()
+        count = len(priorities)
+        wait_len, *by_priority = raw[: 1 + count]
+        active, delayed, completed, failed, oldest_plain = raw[1 + count: 6 + count]
+        heads = [oldest_plain, *(head for firsts in raw[6 + count:] for head in firsts)]
+        stamps = [await self._queue.client.hget(self._queue.toKey(str(h)), "timestamp") for h in heads if h]
+        ages = [max(0.0, (now_ms - float(ts)) / 1000) for ts in stamps if ts]
+        return QueueStats(
+            waiting_by_priority=dict(zip(priorities, (int(n) for n in by_priority), strict=True)),
+            waiting_unprioritized=int(wait_len),
+            active=int(active),
+            delayed=int(delayed),
+            finished_in_window=int(completed) + int(failed),
+            window_s=window_s,
+            oldest_waiting_age_s=max(ages, default=0.0),
+        )
+
     async def obliterate(self) -> None:
         """Delete the whole queue, active jobs included (tests and maintenance only)."""
         await self._queue.obliterate(force=True)
@@ -184,9 +272,12 @@ class QueueConsumer:
         lock_duration_ms: int = 30000,
         stalled_interval_ms: int = 30000,
         max_stalled_count: int = 1,
+        on_abandoned: AbandonedHandler | None = None,
     ) -> None:
         self.queue_name = queue_name
         self._handler = handler
+        self._on_abandoned = on_abandoned
+        self._background: set[asyncio.Task[None]] = set()
         self._opts: dict[str, Any] = {
             "connection": redis_url,
             "concurrency": concurrency,
@@ -199,6 +290,7 @@ class QueueConsumer:
         }
         self._worker: Worker | None = None
         self._run_task: asyncio.Task[None] | None = None
+        self._active: dict[str, ActiveJob] = {}
 
     async def start(self) -> None:
         """Begin consuming on the running event loop."""
@@ -227,9 +319,61 @@ class QueueConsumer:
             return
         self._worker = self._run_task = None
         await worker.close(force=not wait_for_active)
+        if self._background:
+            await asyncio.wait(set(self._background))
         # asyncio.wait, not await: a forced close ends the run loop with the handlers'
         # CancelledError, which must not look like a cancellation of close() itself.
         await asyncio.wait([run_task])
+
+    @property
+    def active_jobs(self) -> list[ActiveJob]:
+        """The jobs whose handlers run now."""
+        return [a for a in self._active.values() if not a.task.done()]
+
+    async def stop_taking_jobs(self) -> None:
+        """Take no new job; running handlers go on (the first step of a drain)."""
+        if self._worker is not None:
+            await self._worker.pause(do_not_wait_active=True)
+
+    async def hand_back(self, job_ids: Collection[str], before_release: BeforeRelease | None = None) -> list[str]:
+        """Stop the handlers of `job_ids` and put their jobs back in the queue at once, at the
+        front of their priority, without spending an attempt (BullMQ's moveJobFromActiveToWait,
+        which releases our lock), so that another consumer starts them now rather than after
+        the lease lapses. `before_release` runs first (e.g. the jobs row back to queued, before
+        another consumer can start the job). Returns the ids that were handed back."""
+        handed: list[str] = []
+        for job_id in job_ids:
+            active = self._active.get(job_id)
+            if active is None or active.task.done():
+                continue
+            active.handed_back = True
+            active.before_release = before_release
+            active.task.cancel()
+            # _process sees the cancelled handler, moves the job back and sets `released`.
+            await active.released.wait()
+            handed.append(job_id)
+        return handed
+
+    async def _move_back_to_wait(self, job_id: str, token: str) -> None:
+        queue_keys = self._worker_keys()
+        scripts = self._worker.scripts  # type: ignore[union-attr]
+        # BullMQ ships this script (its Node worker uses it for rate-limited jobs) but the Python
+        # port does not register it: register it on the worker's own connection once.
+        script = scripts.commands.get("moveJobFromActiveToWait")
+        if script is None:
+            script = scripts.redisClient.register_script(loadScript("moveJobFromActiveToWait-9.lua"))
+            scripts.commands["moveJobFromActiveToWait"] = script
+        keys = [queue_keys[name] for name in
+                ("active", "wait", "stalled", "paused", "meta", "limiter", "prioritized", "marker", "events")]
+        result = await script(keys=keys, args=[job_id, token, queue_keys[""] + job_id])
+        if isinstance(result, int) and result < 0:
+            # -1: the job is gone; -2/-6: our lock lapsed and someone else may hold it. Either
+            # way the queue no longer counts on us for it.
+            log.warning("queue_hand_back_refused", queue=self.queue_name, job_id=job_id, code=result)
+
+    def _worker_keys(self) -> dict[str, str]:
+        assert self._worker is not None
+        return self._worker.scripts.keys  # type: ignore[no-any-return]
 
     async def _process(self, job: Job, token: str) -> None:
         """BullMQ processor: translate the job, run the handler, map our errors onto BullMQ's."""
@@ -241,8 +385,29 @@ class QueueConsumer:
             attempt=job.attemptsMade + 1,
             max_attempts=max(int(job.opts.get("attempts") or 1), 1),
         )
+        job_id = str(job.id)
+        task = asyncio.create_task(self._handler(queued, info), name=f"job:{job_id}")
+        active = self._active[job_id] = ActiveJob(job_id, token, time.monotonic(), task)
         try:
-            await self._handler(queued, info)
+            await asyncio.wait([task])  # a drain cancels `task`, never this coroutine
+        except asyncio.CancelledError:
+            task.cancel()  # forced close: leave the job locked for the stalled checker
+            raise
+        finally:
+            if self._active.get(job_id) is active:
+                del self._active[job_id]
+        if active.handed_back and task.cancelled():
+            try:
+                if active.before_release is not None:
+                    await active.before_release(job_id)
+                await self._move_back_to_wait(job_id, token)
+            finally:
+                active.released.set()
+            log.info("queue_job_handed_back", queue=self.queue_name, job_id=job_id)
+            # BullMQ's way to say "the processor moved this job itself": no completion, no failure.
+            raise DelayedError()
+        try:
+            task.result()
         except PermanentError as exc:
             # UnrecoverableError makes BullMQ fail the job now, whatever attempts remain.
             raise UnrecoverableError(f"{exc.code}: {exc.message}") from exc
@@ -256,6 +421,16 @@ class QueueConsumer:
         )
 
     def _on_failed(self, job: Job, err: BaseException) -> None:
+        if job.deferredFailure and self._on_abandoned is not None:
+            # BullMQ emits synchronously; the store update is async, so run it beside the loop.
+            try:
+                queued = QueuedJob(job_id=str(job.data["jobId"]), owner_id=str(job.data["ownerId"]))
+            except (KeyError, TypeError):
+                queued = None
+            if queued is not None:
+                task = asyncio.get_running_loop().create_task(self._abandon(queued, str(job.deferredFailure)))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         log.warning(
             "queue_job_attempt_failed",
             queue=self.queue_name,
@@ -263,6 +438,13 @@ class QueueConsumer:
             attempts_made=job.attemptsMade,
             error=repr(err),
         )
+
+    async def _abandon(self, queued: QueuedJob, reason: str) -> None:
+        assert self._on_abandoned is not None
+        try:
+            await self._on_abandoned(queued, reason)
+        except Exception as exc:
+            log.error("queue_abandon_failed", queue=self.queue_name, job_id=queued.job_id, error=repr(exc))
 
     def _on_run_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

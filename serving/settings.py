@@ -58,8 +58,31 @@ class Settings(BaseSettings):
     key_prefix: str = "svd"
     job_attempts: int = 3
     job_backoff_ms: int = 5000
-    dispatcher_concurrency: int = 1  # jobs one dispatcher drives at once
+    # Jobs one dispatcher drives at once. Above 1, compatible jobs meet in the Generator's batches
+    # (set it to at least max_batch_size on GPU nodes); 1 keeps strict queue order on small machines.
+    dispatcher_concurrency: int = 1
+    max_batch_size: int = 4  # requests per denoising loop (Generator @serve.batch)
+    batch_wait_timeout_s: float = 0.05  # how long a lone request waits for batch-mates
+    # Batch budget in frames x pixels: two SVD-XT videos at 576x1024; larger requests run alone.
+    batch_max_frame_pixels: int = 2 * 25 * 576 * 1024
     lock_duration_ms: int = 30000  # queue lease; renewed while a job runs
+    # Reliability (issue #5)
+    idempotency_ttl_s: int = 24 * 3600  # an Idempotency-Key names its job this long
+    max_queued_per_priority: int = 10000  # waiting jobs per priority; past it 429 (never unbounded)
+    max_queued_total: int = 20000  # waiting jobs in all; past it the service is saturated: 503
+    drain_rate_window_s: int = 300  # completions counted over this window give the drain rate
+    drain_grace_s: float = 25.0  # on SIGTERM, finish jobs expected to end within this; hand back the rest
+    preemption_watcher: Literal["none", "aws", "gcp"] = "none"  # spot notice from instance metadata
+    preemption_poll_s: float = 5.0
+    job_deadline_s: float = 3600.0  # wall-clock limit of one attempt
+    watchdog_stall_s: float = 300.0  # a running generation without progress this long is stuck
+    # Generator autoscaling on queue depth (serving.autoscaling)
+    autoscale_min_replicas: int = 1  # 0 lets an idle Generator scale to zero (GPU nodes freed)
+    autoscale_max_replicas: int = 1  # raise on a GPU cluster; 1 keeps one replica on a laptop
+    autoscale_jobs_per_replica_per_min: float = 2.0  # throughput of one Generator replica
+    autoscale_target_wait_s: float = 60.0  # how long a waiting job may wait before we add capacity
+    autoscale_upscale_delay_s: float = 30.0
+    autoscale_downscale_delay_s: float = 600.0
 
     # Object storage
     storage_backend: Literal["local", "s3"] = "local"
@@ -85,6 +108,11 @@ class Settings(BaseSettings):
     ray_address: str | None = None  # None: start a local Ray
     ray_num_cpus: int | None = None
     generator_num_gpus: float = 0.0  # set 1 on GPU nodes
+    # Inference engine (issue #3, pipelines.options): preset reference|quality|fast; memory mode
+    # auto (picked from the card's free memory) |normal|low_vram; where torch.compile keeps its cache.
+    engine_preset: Literal["reference", "quality", "fast"] = "reference"
+    engine_memory_mode: Literal["auto", "normal", "low_vram"] = "auto"
+    compile_cache_dir: Path | None = None
     serve_app_name: str = "svd-serve"
 
     # Live events (SSE / WebSocket), kept per job in a Redis stream
@@ -94,6 +122,8 @@ class Settings(BaseSettings):
     # Outbound webhooks (Standard Webhooks). Signing secrets `whsec_...`, space-separated: during
     # a rotation list the new and the old one and every delivery carries both signatures.
     webhook_secrets: SecretStr = SecretStr("")
+    # Per-owner default webhook URL for jobs submitted without `webhookUrl` (JSON: {"owner": "https://..."}).
+    owner_webhook_urls: dict[str, str] = {}
     webhook_timeout_s: float = 15.0
     webhook_time_scale: float = 1.0  # multiplies the retry schedule and Retry-After (tests: 0.001)
     webhook_jitter: float = 0.1  # each retry delay varies by up to this fraction either way
@@ -102,6 +132,46 @@ class Settings(BaseSettings):
     # Inbound provider webhooks: "provider=whsec_new whsec_old,other=whsec_x" (Standard Webhooks)
     provider_webhook_secrets: SecretStr = SecretStr("")
     provider_webhook_tolerance_s: int = 300  # signed timestamps further off than this are refused
+
+    # Providers and cost (issue #6). Runway is a fallback: used only with a key and fallback on.
+    runway_api_key: SecretStr = SecretStr("")
+    runway_base_url: str = "https://api.dev.runwayml.com"
+    runway_model: str = "gen4_turbo"
+    runway_timeout_s: float = 60.0  # one HTTP call to Runway
+    runway_poll_interval_s: float = 5.0  # Runway asks for polls no faster than every 5 s
+    runway_poll_max_interval_s: float = 30.0  # backoff ceiling while a task is THROTTLED/PENDING
+    runway_task_timeout_s: float = 1800.0  # give up on a task (and delete it) after this long
+    runway_output_max_bytes: int = 200 * 1024 * 1024
+    fallback_enabled: bool = False
+    # `auto` goes to Runway when the local pool was unhealthy this long, or when the estimated
+    # local wait exceeds the SLA (0: no SLA rule), or when the job failed locally on every attempt.
+    local_unhealthy_threshold_s: float = 60.0
+    routing_sla_s: float = 0.0
+    local_job_seconds_estimate: float = 60.0  # one local job, for queue-wait estimates
+    breaker_failure_threshold: int = 5  # consecutive failures that open a provider's breaker
+    breaker_reset_s: float = 60.0  # an open breaker lets one probe through after this long
+    # Prices: a GPU-hour (spot or on-demand) and a Runway credit, in USD.
+    gpu_hour_price_usd: float = 2.50
+    gpu_hour_spot_price_usd: float = 1.00
+    gpu_pricing: Literal["on_demand", "spot"] = "on_demand"
+    runway_credit_price_usd: float = 0.01
+    runway_credits_per_second: float = 5.0  # gen4_turbo: 5 credits per output second
+    # Monthly budget per owner in USD (0: none); "owner=amount,..." overrides it per owner.
+    budget_monthly_usd: float = 0.0
+    owner_budgets_usd: str = ""
+    budget_soft_fraction: float = 0.8  # past this share of the budget: alert metric and log
+
+    # Observability (issue #8). Logs: JSON lines, or console text; `auto` = console only in
+    # development on a terminal, JSON everywhere else (files, Ray replicas, containers).
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+    metrics_replicas_interval_s: float = 15.0  # how often a Dispatcher reports Serve replica counts
+    # Tracing (OpenTelemetry, OTLP/HTTP) stays off unless an endpoint is set; needs the
+    # `observability` extra. Sentry error reporting starts only with a DSN.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "svd-serve"
+    sentry_dsn: SecretStr = SecretStr("")
+    sentry_traces_sample_rate: float = 0.0
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> "Settings":

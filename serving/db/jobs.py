@@ -86,6 +86,11 @@ class JobRecord:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> StoredObject JSON
     cached: bool = False
     cached_from: str | None = None
+    idempotency_fingerprint: str | None = None  # SHA-256 of the request behind idempotency_key
+    retry_of: str | None = None  # the failed job this one re-runs
+    requested_provider: str = "auto"  # what the client asked for: local|runway|auto (issue #6)
+    routing_reason: str | None = None  # why the job went to `provider`
+    provider_credits: float | None = None  # a managed provider's credits behind `cost_usd`
 
     @property
     def job_params(self) -> JobParams:
@@ -110,6 +115,8 @@ class JobChanges(TypedDict, total=False):
     outputs: dict[str, dict[str, Any]]  # replaces the stored map
     cached: bool
     cached_from: str | None
+    routing_reason: str | None
+    provider_credits: float | None
 
 
 _CHANGEABLE = frozenset(JobChanges.__annotations__)
@@ -136,6 +143,9 @@ class JobRepository:
         idempotency_key: str | None = None,
         input_hash: str | None = None,
         max_attempts: int = 3,
+        idempotency_fingerprint: str | None = None,
+        retry_of: str | None = None,
+        requested_provider: str = "auto",
     ) -> JobRecord:
         """Insert a queued job. Raises `DuplicateIdempotencyKey` (carrying the existing job) when
         the owner already used `idempotency_key`, `Conflict` when `job_id` exists."""
@@ -165,6 +175,9 @@ class JobRepository:
                     "input_hash": input_hash,
                     "webhook_url": webhook_url,
                     "timings": {},
+                    "idempotency_fingerprint": idempotency_fingerprint,
+                    "retry_of": retry_of,
+                    "requested_provider": requested_provider,
                 }
             )
             .returning(jobs)
@@ -317,6 +330,66 @@ class JobRepository:
         return None if row is None else _record(row)
 
 
+    async def record_provider_task(self, job_id: str | uuid.UUID, *, provider: str, provider_job_id: str) -> bool:
+        """Remember the managed provider's task of a processing job before polling it, so a
+        re-run resumes that task instead of paying for a second one; False if not processing."""
+        jid = _parse_id(job_id)
+        if jid is None:
+            return False
+        values = {"provider": provider, "provider_job_id": provider_job_id, "updated_at": _now()}
+        stmt = update(jobs).where(jobs.c.id == jid, jobs.c.status == JobStatus.PROCESSING.value).values(values)
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(stmt)
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def record_routing(self, job_id: str | uuid.UUID, *, provider: str, routing_reason: str) -> bool:
+        """A processing job moves to another provider (a fallback mid-attempt); False if not processing."""
+        jid = _parse_id(job_id)
+        if jid is None:
+            return False
+        values = {"provider": provider, "routing_reason": routing_reason, "provider_job_id": None, "updated_at": _now()}
+        stmt = update(jobs).where(jobs.c.id == jid, jobs.c.status == JobStatus.PROCESSING.value).values(values)
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(stmt)
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def release_idempotency_key(self, job_id: str | uuid.UUID) -> None:
+        """Forget the job's Idempotency-Key (it has outlived its retention), so the owner may
+        use the key for a new request; the job itself is unchanged."""
+        jid = _parse_id(job_id)
+        if jid is None:
+            return
+        stmt = update(jobs).where(jobs.c.id == jid).values(idempotency_key=None, idempotency_fingerprint=None)
+        async with self._sessions() as session, session.begin():
+            await session.execute(stmt)
+
+    async def list_dead_letters(
+        self, *, limit: int = 50, cursor: str | None = None, owner_id: str | None = None
+    ) -> tuple[list[JobRecord], str | None]:
+        """Jobs that ended in `error` (attempts exhausted, poison, permanent failure), newest
+        first, with the cursor of the next page; across owners unless `owner_id` is given."""
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidInput(
+                f"limit must be between 1 and {MAX_PAGE_SIZE} but is {limit}", code="invalid_limit"
+            )
+        stmt = select(jobs).where(jobs.c.status == JobStatus.ERROR.value)
+        if owner_id is not None:
+            stmt = stmt.where(jobs.c.owner_id == owner_id)
+        if cursor is not None:
+            after_created, after_id = _decode_cursor(cursor)
+            stmt = stmt.where(
+                or_(
+                    jobs.c.created_at < after_created,
+                    and_(jobs.c.created_at == after_created, jobs.c.id < after_id),
+                )
+            )
+        stmt = stmt.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+        async with self._sessions() as session:
+            rows = (await session.execute(stmt)).mappings().all()
+        records = [_record(row) for row in rows[:limit]]
+        return records, _encode_cursor(records[-1]) if len(rows) > limit else None
+
+
 # SQL helpers ---------------------------------------------------------------------------------
 
 
@@ -453,4 +526,9 @@ def _record(row: RowMapping) -> JobRecord:
         outputs=dict(row["outputs"] or {}),
         cached=bool(row["cached"]),
         cached_from=None if row["cached_from"] is None else str(row["cached_from"]),
+        idempotency_fingerprint=row["idempotency_fingerprint"],
+        retry_of=None if row["retry_of"] is None else str(row["retry_of"]),
+        requested_provider=row["requested_provider"],
+        routing_reason=row["routing_reason"],
+        provider_credits=row["provider_credits"],
     )

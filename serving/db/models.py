@@ -82,6 +82,10 @@ class Job(Base):
         # Keyset paging of an owner's jobs, newest first.
         Index(None, "owner_id", "created_at", "id"),
         Index(None, "input_hash"),
+        # Per-owner monthly cost totals (issue #6).
+        Index(None, "owner_id", "completed_at"),
+        # The dead-letter view: failed jobs, newest first.
+        Index(None, "status", "created_at"),
     )
 
     # Native uuid on PostgreSQL, CHAR(32) on SQLite; Python sees the canonical string.
@@ -119,6 +123,15 @@ class Job(Base):
     # Completed from the result cache: `cached_from` is the job whose outputs it shares.
     cached: Mapped[bool] = mapped_column(Boolean, server_default=false())
     cached_from: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))
+    # Issue #5: SHA-256 of the request behind `idempotency_key` (a repeat must match it), and the
+    # failed job that this one re-runs (`POST .../{id}/retry`).
+    idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    retry_of: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))
+    # Issue #6: the provider the client asked for (local|runway|auto), why the job went to
+    # `provider`, and the provider's credits behind `cost_usd` (None for GPU-priced jobs).
+    requested_provider: Mapped[str] = mapped_column(String(16), server_default=text("'auto'"))
+    routing_reason: Mapped[str | None] = mapped_column(String(64))
+    provider_credits: Mapped[float | None] = mapped_column(Float)
 
 
 class ApiKey(Base):

@@ -15,12 +15,15 @@ from serving.db.jobs import JobRepository
 from serving.db.migrate import check_migrated
 from serving.ingress.deps import Services
 from serving.ingress.problems import install_problem_docs, install_problem_handlers
+from serving.ingress.routes_admin import router as admin_router
 from serving.ingress.routes_events import router as events_router
 from serving.ingress.routes_jobs import router as jobs_router
 from serving.ingress.routes_system import router as system_router
 from serving.ingress.routes_webhooks import provider_router as provider_webhooks_router
 from serving.ingress.routes_webhooks import router as webhooks_router
 from serving.keys import Keys
+from serving.observability.http_metrics import install_http_metrics
+from serving.observability.tracing import setup_observability
 from serving.queue import JobQueue
 from serving.security.middleware import install_security_middleware
 from serving.security.setup import build_security
@@ -43,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         delivery: DeliveryServices | None = None
         try:
             await check_migrated(engine)  # refuse to serve on an unmigrated database
+            setup_observability(settings, "api")  # tracing / Sentry, when configured
             owners = settings.api_key_owners()
             if settings.auth_disabled:
                 log.warning("auth_disabled", reason="no API keys checked; every caller is owner 'local'")
@@ -81,10 +85,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.providers = ProviderRegistry()
     install_problem_handlers(app)
     install_security_middleware(app, settings)
+    install_http_metrics(app)
     install_problem_docs(app)
     app.include_router(jobs_router)
     app.include_router(system_router)
     app.include_router(events_router)
     app.include_router(webhooks_router)
     app.include_router(provider_webhooks_router)
+    app.include_router(admin_router)
     return app

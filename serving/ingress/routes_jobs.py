@@ -7,11 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 
+from serving.cost import job_estimate
+from serving.db.jobs import JobRecord
 from serving.errors import NotFound, SvdServeError
-from serving.ingress.deps import JobAdmissionDep, JobIdPath, OwnerDep, ServicesDep, SubmitOwnerDep
+from serving.ingress.deps import JobAdmissionDep, JobIdPath, OwnerDep, Services, ServicesDep, SubmitOwnerDep
 from serving.ingress.image_input import read_submission, submission_request_body
 from serving.ingress.schemas import AcceptedResponse, JobListResponse, JobStatusResponse
-from serving.ingress.submission import cancel_job, submit_job
+from serving.ingress.submission import cancel_job, retry_job, submit_job
 from serving.ingress.views import job_view
 from serving.metrics import CANCELS, SUBMISSIONS
 from serving.types import JobStatus
@@ -67,14 +69,20 @@ async def submit(
         SUBMISSIONS.labels(str(exc.status), model_label if exc.code != "unknown_model" else "unknown").inc()
         raise
     SUBMISSIONS.labels("202", record.model).inc()
+    return _accepted(services, record, status_code=202 if created else 200)
+
+
+def _accepted(services: Services, record: JobRecord, status_code: int) -> JSONResponse:
+    """The answer to an accepted job: where to follow it, and what it is expected to cost."""
     base = services.settings.resolved_public_base_url
     body = AcceptedResponse(
         job_id=record.id,
         status=record.status,
         status_url=f"{base}/api/v1/animate-image/status/{record.id}",
         events_url=f"{base}/api/v1/animate-image/{record.id}/events",
+        estimated_cost_usd=job_estimate(services.settings, record.job_params, record.requested_provider).usd,
     )
-    return JSONResponse(body.model_dump(mode="json", by_alias=True), status_code=202 if created else 200)
+    return JSONResponse(body.model_dump(mode="json", by_alias=True), status_code=status_code)
 
 
 @router.get("/status/{job_id}", response_model=JobStatusResponse, response_model_by_alias=True,
@@ -105,3 +113,15 @@ async def cancel(services: ServicesDep, owner: SubmitOwnerDep, job_id: JobIdPath
     record = await cancel_job(services, owner, job_id)
     CANCELS.labels(before.status.value if before else "unknown").inc()
     return await job_view(services, record)
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=AcceptedResponse,
+             responses={**READ_PROBLEMS, 409: {"description": "The job has not failed (problem+json)"}})
+async def retry(
+    services: ServicesDep, owner: SubmitOwnerDep, admission: JobAdmissionDep, job_id: JobIdPath
+) -> JSONResponse:
+    """Re-run a job that ended in `error` (a dead letter) or was canceled, as a new job with the
+    same input and parameters; answers 202 with the new job's id (its status has `retryOf`)."""
+    record = await retry_job(services, owner, job_id)
+    admission.accepted(True)
+    return _accepted(services, record, status_code=202)

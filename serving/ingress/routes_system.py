@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from models.registry import list_specs
 from serving.db.migrate import check_migrated
@@ -14,7 +16,11 @@ from serving.errors import NotFound, SvdServeError
 from serving.ingress.deps import OwnerDep, ServicesDep
 from serving.ingress.problems import problem
 from serving.ingress.schemas import ModelInfo, ModelListResponse
+from serving.metrics import StaticCollector, read_worker_metrics
+from serving.observability.queue_gauges import queue_families
 from serving.storage import LocalStorage
+
+log = structlog.get_logger(__name__)
 
 router = APIRouter()
 
@@ -46,8 +52,24 @@ async def readyz(services: ServicesDep) -> Response:
 
 @router.get("/metrics", tags=["system"], response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format"}})
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(services: ServicesDep) -> Response:
+    # This process's own metrics, then what lives in Redis: the queue's gauges and the worker
+    # metrics that Ray Serve replicas aggregate there (see serving.metrics). Without Redis the
+    # scrape still answers with the local part, and `svd_metrics_redis_up` says so.
+    shared = CollectorRegistry(auto_describe=False)
+    families: list[Metric] = []
+    try:
+        families = [
+            *await queue_families(services.redis, services.queue),
+            *await read_worker_metrics(services.redis, services.keys),
+        ]
+        up = 1.0
+    except Exception as exc:  # a scrape reports, it does not fail
+        log.warning("metrics_redis_read_failed", error=repr(exc))
+        up = 0.0
+    families.append(GaugeMetricFamily("svd_metrics_redis_up", "1 when Redis-held metrics could be read", value=up))
+    shared.register(StaticCollector(families))
+    return Response(generate_latest() + generate_latest(shared), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/v1/models", response_model=ModelListResponse, response_model_by_alias=True, tags=["models"])

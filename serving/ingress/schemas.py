@@ -41,7 +41,7 @@ class AnimateOptions(ApiModel):
     loop: bool = False  # ping-pong: the clip forwards then backwards
     cache: bool = True  # False: never complete from an identical earlier job
     priority: Priority = Priority.NORMAL
-    provider: Literal["local", "auto"] = "auto"
+    provider: Literal["local", "runway", "auto"] = "auto"
     webhook_url: str | None = Field(default=None, max_length=2048)
     metadata: dict[str, Any] | None = None
 
@@ -56,6 +56,7 @@ class AcceptedResponse(ApiModel):
     status: JobStatus
     status_url: str
     events_url: str
+    estimated_cost_usd: float | None = None  # on the provider it is expected to run on (issue #6)
 
 
 class ErrorInfo(ApiModel):
@@ -81,15 +82,42 @@ class JobStatusResponse(ApiModel):
     checksums: dict[str, str] = {}  # output kind -> hex SHA-256 of its bytes
     cached: bool = False
     cached_from: str | None = None
+    retry_of: str | None = None  # the failed job this one re-runs (POST .../{id}/retry)
+    # Queued jobs: when it should start, from its queue position and the measured drain rate.
+    estimated_start_at: datetime | None = None
     error: ErrorInfo | None
     timings: dict[str, float]
     gpu_seconds: float | None
     cost_usd: float | None
+    # Issue #6: why the job went to `provider`, the provider's credits behind `cost_usd`, and
+    # what the job was expected to cost.
+    routing_reason: str | None = None
+    provider_credits: float | None = None
+    estimated_cost_usd: float | None = None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
     metadata: dict[str, Any]
+
+
+class DeadLetterEntry(ApiModel):
+    """A job that ended in `error`: its owner, reason and attempts (admin view)."""
+
+    job_id: str
+    owner_id: str
+    error: ErrorInfo | None
+    attempts: int
+    max_attempts: int
+    model: str
+    retry_of: str | None
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class DeadLetterResponse(ApiModel):
+    jobs: list[DeadLetterEntry]
+    next_cursor: str | None
 
 
 class JobListResponse(ApiModel):

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 import structlog
 
+from serving.cost import admit_cost, check_provider
+from serving.db.engine import make_session_factory
+from serving.backpressure import admit, confirm_admission
 from serving.db.errors import DuplicateIdempotencyKey
 from serving.db.jobs import JobRecord
-from serving.errors import CapacityError, Conflict, InvalidTransition, NotFound
+from serving.errors import CapacityError, Conflict, InvalidTransition, NotFound, RateLimited
 from serving.ingress.deps import Services
+from serving.ingress.idempotency import IdempotencyGuard, request_fingerprint
 from serving.ingress.image_input import Submission
-from serving.ingress.validation import check_image, resolve_params
+from serving.ingress.validation import CheckedImage, check_image, resolve_params
 from serving.result_cache import ResultCache, cache_applies, input_hash
-from serving.types import JobStatus, QueuedJob
-from serving.webhooks.urlpolicy import validate_webhook_url
+from serving.types import JobParams, JobStatus, QueuedJob
+from serving.webhooks.urlpolicy import default_webhook_url, validate_webhook_url
 
 log = structlog.get_logger(__name__)
 
@@ -30,15 +35,40 @@ async def submit_job(
     """Validate, then store, record and enqueue. Returns (job, created). Any failure after the
     first write undoes what was written, so a refused or failed submission leaves nothing."""
     params = resolve_params(submission.options, services.settings.default_model)
+    check_provider(services.settings, submission.options.provider)  # 422 before anything is stored
     # Decoding and re-encoding a large photo takes about a second: keep it off the event loop.
     image = await asyncio.to_thread(check_image, submission.image_bytes)
+    if not submission.options.webhook_url and (default := default_webhook_url(services.settings, owner_id)):
+        options = submission.options.model_copy(update={"webhook_url": default})
+        submission = dataclasses.replace(submission, options=options)
     if submission.options.webhook_url:
         await validate_webhook_url(submission.options.webhook_url, services.settings)
-    if idempotency_key:
-        existing = await services.jobs.find_by_idempotency_key(owner_id, idempotency_key)
-        if existing is not None:
-            return existing, False
+    if not idempotency_key:
+        return await _accept(services, owner_id, submission, params, image, None)
+    guard = IdempotencyGuard(services.jobs, services.redis, services.keys, services.settings.idempotency_ttl_s)
+    fingerprint = request_fingerprint(submission.image_bytes, submission.options)
+    existing = await guard.existing(owner_id, idempotency_key, fingerprint)
+    if existing is not None:
+        return existing, False
+    async with guard.in_flight(owner_id, idempotency_key):
+        try:
+            return await _accept(services, owner_id, submission, params, image, (idempotency_key, fingerprint))
+        except DuplicateIdempotencyKey as exc:
+            # A request that held the key before us finished meanwhile: answer with its job.
+            guard.check_same_body(exc.existing, idempotency_key, fingerprint)
+            return exc.existing, False
 
+
+async def _accept(
+    services: Services,
+    owner_id: str,
+    submission: Submission,
+    params: JobParams,
+    image: CheckedImage,
+    idempotency: tuple[str, str] | None,
+) -> tuple[JobRecord, bool]:
+    """Store, record and enqueue one new job (`idempotency`: the key and the request's fingerprint)."""
+    idempotency_key, fingerprint = idempotency or (None, None)
     job_id = str(uuid.uuid4())
     key = input_key(owner_id, job_id, image.extension)
     options = submission.options
@@ -47,6 +77,10 @@ async def submit_job(
     source = None
     if cache_applies(services.settings, seed=options.seed, cache=options.cache):
         source = await cache.find(owner_id, request_hash)
+    if source is None:
+        await admit(services.queue, options.priority, services.settings)  # bounded queue: 429/503
+        # A new paid job must fit the owner's monthly budget (402); a cached result costs nothing.
+        await admit_cost(services.settings, make_session_factory(services.engine), owner_id, params, options.provider)
     await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
     try:
         record = await services.jobs.create(
@@ -62,11 +96,9 @@ async def submit_job(
             idempotency_key=idempotency_key,
             input_hash=request_hash,
             max_attempts=services.settings.job_attempts,
+            idempotency_fingerprint=fingerprint,
+            requested_provider=options.provider,
         )
-    except DuplicateIdempotencyKey as exc:
-        # A concurrent request with the same key won the race: answer with its job.
-        await asyncio.to_thread(services.storage.delete, key)
-        return exc.existing, False
     except BaseException:
         await asyncio.to_thread(services.storage.delete, key)
         raise
@@ -94,10 +126,62 @@ async def submit_job(
         await services.jobs.delete(job_id)
         await asyncio.to_thread(services.storage.delete, key)
         raise CapacityError("The job queue is unavailable; try again shortly.", code="queue_unavailable") from exc
+    try:
+        await confirm_admission(services.queue, job_id, options.priority, services.settings)
+    except RateLimited:
+        if await services.queue.remove(job_id):  # else a worker has it already: keep the job
+            await services.jobs.delete(job_id)
+            await asyncio.to_thread(services.storage.delete, key)
+            raise
     log.info("job_accepted", job_id=job_id, owner_id=owner_id, model=params.model, source=submission.source)
     if services.delivery is not None:
         await services.delivery.notifier.job_changed(record, queue_position=await _position(services, job_id))
     return record, True
+
+
+async def retry_job(services: Services, owner_id: str, job_id: str) -> JobRecord:
+    """Re-run a job that ended in `error` (or was canceled) as a new job with the same input and
+    parameters; the original keeps its one outcome and the new one points at it (`retryOf`)."""
+    original = await services.jobs.get(job_id, owner_id=owner_id)
+    if original is None:
+        raise NotFound(f"Job {job_id} was not found.")
+    if original.status not in (JobStatus.ERROR, JobStatus.CANCELED):
+        raise Conflict(
+            f"Job {job_id} is {original.status.value}; only a failed or canceled job can be retried.",
+            code="job_not_retryable",
+        )
+    await admit(services.queue, original.priority, services.settings)
+    new_id = str(uuid.uuid4())
+    record = await services.jobs.create(
+        job_id=new_id,
+        owner_id=owner_id,
+        image_url=original.image_url,  # the stored input is immutable: share it
+        params=original.params,
+        model=original.model,
+        priority=original.priority.value,
+        prompt=original.prompt,
+        metadata=original.metadata,
+        webhook_url=original.webhook_url,
+        input_hash=original.input_hash,
+        max_attempts=services.settings.job_attempts,
+        retry_of=original.id,
+        requested_provider=original.requested_provider,
+    )
+    try:
+        await services.queue.add(
+            QueuedJob(job_id=new_id, owner_id=owner_id),
+            priority=original.priority,
+            attempts=services.settings.job_attempts,
+            backoff_ms=services.settings.job_backoff_ms,
+        )
+    except Exception as exc:
+        log.error("enqueue_failed", job_id=new_id, error=repr(exc))
+        await services.jobs.delete(new_id)
+        raise CapacityError("The job queue is unavailable; try again shortly.", code="queue_unavailable") from exc
+    log.info("job_retried", job_id=new_id, retry_of=original.id, owner_id=owner_id)
+    if services.delivery is not None:
+        await services.delivery.notifier.job_changed(record, queue_position=await _position(services, new_id))
+    return record
 
 
 async def _position(services: Services, job_id: str) -> int | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import quote
 
+from serving.cost import job_estimate
+from serving.backpressure import estimated_start
 from serving.db.jobs import JobRecord
 from serving.ingress.deps import Services
 from serving.ingress.schemas import ErrorInfo, JobStatusResponse
@@ -40,8 +42,12 @@ async def job_view(services: Services, record: JobRecord, *, live: bool = True) 
         if overlay:
             progress = max(progress, float(overlay.get(b"progress", progress)))
             stage = overlay.get(b"stage", b"").decode() or stage
+    estimated_start_at = None
     if live and record.status is JobStatus.QUEUED:
         position = await services.queue.position(record.id)
+        if position is not None:
+            stats = await services.queue.stats(services.settings.drain_rate_window_s)
+            estimated_start_at = estimated_start(position, stats)
     result_url = await _signed_url(services, record.result_url)
     thumbnail_url = await _signed_url(services, record.thumbnail_url)
     outputs = await _output_urls(services, record)
@@ -65,10 +71,18 @@ async def job_view(services: Services, record: JobRecord, *, live: bool = True) 
         checksums=checksums,
         cached=record.cached,
         cached_from=record.cached_from,
+        retry_of=record.retry_of,
+        estimated_start_at=estimated_start_at,
         error=error,
         timings=record.timings,
         gpu_seconds=record.gpu_seconds,
         cost_usd=record.cost_usd,
+        routing_reason=record.routing_reason,
+        provider_credits=record.provider_credits,
+        # Once routed, on the provider the job went to; before, on the one it is expected to use.
+        estimated_cost_usd=job_estimate(
+            services.settings, record.job_params, record.provider if record.routing_reason else record.requested_provider
+        ).usd,
         created_at=record.created_at,
         updated_at=record.updated_at,
         started_at=record.started_at,

@@ -18,6 +18,7 @@ import httpx
 import structlog
 
 from serving.errors import SvdServeError
+from serving.observability.webhook_metrics import WebhookMetrics
 from serving.webhooks.schedule import RetryPolicy, parse_retry_after
 from serving.webhooks.scheduler import DueDeliveries
 from serving.webhooks.signing import WebhookSigner
@@ -66,6 +67,7 @@ class DeliveryWorker:
         concurrency: int = 8,
         poll_interval_s: float = 0.5,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
+        metrics: WebhookMetrics | None = None,
     ) -> None:
         self._store = store
         self._due = due
@@ -76,6 +78,7 @@ class DeliveryWorker:
         self._concurrency = max(1, concurrency)
         self._poll_interval_s = poll_interval_s
         self._sweep_interval_s = sweep_interval_s
+        self._metrics = metrics
         self._lease_s = timeout_s + LEASE_MARGIN_S
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -177,6 +180,8 @@ class DeliveryWorker:
             await self._due.schedule(delivery.id, next_at.timestamp())
         else:
             await self._due.done(delivery.id)
+        if self._metrics is not None:
+            await self._metrics.attempt(outcome.value, result.latency_ms / 1000)
         log.info(
             "webhook_attempt",
             delivery_id=delivery.id,

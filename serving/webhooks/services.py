@@ -21,6 +21,7 @@ from serving.webhooks.scheduler import DueDeliveries
 from serving.webhooks.signing import WebhookSigner, parse_secrets
 from serving.webhooks.store import WebhookStore
 from serving.webhooks.urlpolicy import webhook_client
+from serving.observability.webhook_metrics import WebhookMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -138,6 +139,7 @@ def build_worker_delivery(
             timeout_s=settings.webhook_timeout_s,
             concurrency=settings.webhook_concurrency,
             poll_interval_s=settings.webhook_poll_interval_s,
+            metrics=WebhookMetrics(client, keys),
         )
     else:
         log.warning("webhooks_disabled", reason="SVD_SERVE_WEBHOOK_SECRETS is empty; no webhook is sent")

@@ -35,6 +35,11 @@ def webhook_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
+def default_webhook_url(settings: Settings, owner_id: str) -> str | None:
+    """The owner's configured default, used when a submission names no `webhookUrl`."""
+    return settings.owner_webhook_urls.get(owner_id)
+
+
 async def validate_webhook_url(url: str, settings: Settings) -> None:
     """Refuse a submission's `webhookUrl` that we could not sign for or may not call."""
     if not parse_secrets(settings.webhook_secrets):

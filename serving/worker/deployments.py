@@ -10,11 +10,16 @@ import structlog
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving.cost import Prices
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
 from serving.db.migrate import check_migrated
 from serving.keys import Keys
 from serving.logs import configure_service_logging
+from serving.observability.job_metrics import JobMetrics
+from serving.observability.replicas import ReplicaReporter
+from serving.observability.tracing import setup_observability
+from serving.providers.setup import build_providers
 from serving.queue import QueueConsumer
 from serving.settings import Settings
 from serving.storage import make_storage
@@ -23,23 +28,47 @@ from serving.webhooks.services import build_worker_delivery
 from serving.worker.generation import GenerationService
 from serving.worker.local_backend import LocalRayBackend
 from serving.worker.postprocessing import PostProcessingService
+from serving.autoscaling import generator_scaling_options
+from serving.worker.drain import DrainReport, dispatcher_drainer
+from serving.worker.preemption import watch_for_preemption
+from serving.worker.watchdog import generator_watchdog
 from serving.worker.runner import JobRunner
 
 log = structlog.get_logger(__name__)
 
 
-@serve.deployment(max_ongoing_requests=1)
+@serve.deployment(max_ongoing_requests=16)
 class Generator:
-    """Runs the SVD pipeline; weights load in the constructor so the replica is ready only after."""
+    """Runs the SVD pipeline; weights load in the constructor so the replica is ready only after.
+
+    Requests arriving together are collected by `@serve.batch` and run in as few denoising loops
+    as their shapes and the frames x pixels budget allow (`GenerationService.generate_many`)."""
 
     def __init__(self, settings: Settings) -> None:
         configure_service_logging(settings)
+        setup_observability(settings, "generator")
         self._service = GenerationService(settings)
         self._service.warm_up(settings.default_model)
+        self._generate_batch.set_max_batch_size(settings.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        # Issue #5: a stuck step, a job past its deadline or a broken CUDA context fails the
+        # health check, and Ray Serve restarts the replica.
+        self._watchdog = generator_watchdog(settings)
+
+    async def check_health(self) -> None:
+        await self._watchdog.check()
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | BaseException]:
+        # Torch work runs in a thread so the replica can still answer health checks.
+        return await asyncio.to_thread(self._service.generate_many, requests)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        # Torch work runs in a thread so the replica can still answer health checks.
-        return await asyncio.to_thread(self._service.generate, request)
+        with self._watchdog.watch(request.job_id):
+            outcome = await self._generate_batch(request)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
 
 @serve.deployment(max_ongoing_requests=4)
@@ -48,6 +77,7 @@ class PostProcessor:
 
     def __init__(self, settings: Settings) -> None:
         configure_service_logging(settings)
+        setup_observability(settings, "postprocessor")
         self._service = PostProcessingService(settings)
 
     async def process(self, request: PostProcessRequest, frames: np.ndarray) -> PostProcessResult:
@@ -63,6 +93,7 @@ class Dispatcher:
 
     async def __init__(self, settings: Settings, generator: DeploymentHandle, postprocessor: DeploymentHandle) -> None:
         configure_service_logging(settings)
+        setup_observability(settings, "dispatcher")
         if not settings.redis_url:
             raise RuntimeError("REDIS_URL is not set: the dispatcher needs the queue's Redis.")
         self._engine = make_engine(settings.resolved_database_url)
@@ -72,12 +103,23 @@ class Dispatcher:
         # here because this replica already holds the DB and Redis and runs for as long as jobs
         # do (several replicas share the due deliveries through leases).
         self._delivery = build_worker_delivery(settings, make_session_factory(self._engine), make_storage(settings))
+        # Issue #6: each job is routed (local pool or Runway) and its cost recorded.
+        local = LocalRayBackend(
+            generator, postprocessor, app_name=settings.serve_app_name, prices=Prices.from_settings(settings),
+            job_seconds_estimate=settings.local_job_seconds_estimate,
+        )
+        self._providers = build_providers(
+            settings, local, JobRepository(make_session_factory(self._engine)), self._redis, Keys(settings.key_prefix)
+        )
         runner = JobRunner(
             JobRepository(make_session_factory(self._engine)),
-            LocalRayBackend(generator, postprocessor),
+            local,
             self._redis,
             Keys(settings.key_prefix),
             self._delivery.sink,
+            JobMetrics(self._redis, Keys(settings.key_prefix), settings.gpu_hour_price_usd),
+            router=self._providers.router,
+            prices=Prices.from_settings(settings),
         )
         self._consumer = QueueConsumer(
             settings.redis_url,
@@ -86,9 +128,23 @@ class Dispatcher:
             concurrency=settings.dispatcher_concurrency,
             lock_duration_ms=settings.lock_duration_ms,
             stalled_interval_ms=settings.lock_duration_ms,
+            # A job whose runs keep killing their worker gets as many runs as any job's attempts.
+            max_stalled_count=max(settings.job_attempts - 1, 0),
+            on_abandoned=runner.abandon,
         )
+        # Issue #5: SIGTERM (via __del__ or drain()) and spot notices hand unfinished jobs back.
+        self._drainer = dispatcher_drainer(
+            self._consumer, JobRepository(make_session_factory(self._engine)), self._redis,
+            Keys(settings.key_prefix), settings.drain_grace_s,
+        )
+        self._watcher = watch_for_preemption(settings, self._drainer.drain)
         await self._consumer.start()
         await self._delivery.start()
+        # Replicas wanted vs running, for the ingress's /metrics (which cannot reach Ray).
+        self._replicas = ReplicaReporter(
+            self._redis, Keys(settings.key_prefix), settings.serve_app_name, settings.metrics_replicas_interval_s
+        )
+        self._replicas.start()
         log.info("dispatcher_started", queue=settings.queue_name)
 
     async def ping(self) -> str:
@@ -97,9 +153,18 @@ class Dispatcher:
     async def check_health(self) -> None:
         await self._redis.ping()
 
+    async def drain(self, reason: str = "sigterm") -> DrainReport:
+        """Stop taking jobs, finish those ending within the grace period, hand back the rest."""
+        return await self._drainer.drain(reason)
+
     async def __del__(self) -> None:
+        await self._drainer.drain("shutdown")  # a no-op after an earlier drain()
+        if self._watcher is not None:
+            await self._watcher.aclose()
         await self._consumer.close(wait_for_active=False)
+        await self._replicas.close()
         await self._delivery.aclose()
+        await self._providers.aclose()
         await self._redis.aclose()
         await self._engine.dispose()
 
@@ -107,7 +172,11 @@ class Dispatcher:
 def build_app(settings: Settings) -> serve.Application:
     cpu_only = {"num_cpus": 0}
     generator = Generator.options(
-        ray_actor_options={"num_cpus": 0, "num_gpus": settings.generator_num_gpus}
+        ray_actor_options={"num_cpus": 0, "num_gpus": settings.generator_num_gpus},
+        **generator_scaling_options(settings),
     ).bind(settings)
     postprocessor = PostProcessor.options(ray_actor_options=cpu_only).bind(settings)
-    return Dispatcher.options(ray_actor_options=cpu_only).bind(settings, generator, postprocessor)
+    # Serve waits this long for __del__ (the drain) before it kills the replica.
+    return Dispatcher.options(
+        ray_actor_options=cpu_only, graceful_shutdown_timeout_s=settings.drain_grace_s + 10
+    ).bind(settings, generator, postprocessor)

@@ -1,10 +1,10 @@
-"""What the Generator deployment does, without Ray: load once, then run one request at a time."""
+"""What the Generator deployment does, without Ray: load once, then run batches of requests."""
 
 from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import redis
@@ -14,11 +14,16 @@ from PIL import Image
 from models.loading import LoadOptions
 from models.registry import get_spec
 from pipelines import VideoPipeline, load_pipeline
+from pipelines.batch import BatchItem, batch_cost, plan_batches
+from pipelines.options import EngineOptions, SizeBucket, preset
 from pipelines.errors import GenerationCanceled
 from pipelines.params import VideoParams
 from serving.errors import JobCanceled
 from serving.events import SyncEventPublisher
 from serving.keys import PROGRESS_TTL_S, Keys
+from serving.metrics import BATCH_SIZE, DENOISING_STEP_SECONDS, MetricBatch
+from serving.observability.gpu import record_device
+from serving.observability.tracing import job_span
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
 from serving.types import GenerationRequest, GenerationResult, Stage
@@ -31,16 +36,26 @@ DENOISE_SHARE = 0.9
 PipelineLoader = Callable[[str, LoadOptions], VideoPipeline]
 
 
-def default_loader(model: str, options: LoadOptions) -> VideoPipeline:
-    return load_pipeline(get_spec(model), options)
+def engine_options(settings: Settings) -> EngineOptions:
+    """The configured preset (`reference`, `quality`, `fast`) with the deployment's memory mode."""
+    return preset(
+        settings.engine_preset, memory_mode=settings.engine_memory_mode, compile_cache_dir=settings.compile_cache_dir
+    )
+
+
+def engine_loader(settings: Settings) -> PipelineLoader:
+    def load(model: str, options: LoadOptions) -> VideoPipeline:
+        return load_pipeline(get_spec(model), options, engine_options(settings))
+
+    return load
 
 
 class GenerationService:
     """Holds loaded pipelines (one per model) and runs requests, reporting progress to Redis."""
 
-    def __init__(self, settings: Settings, loader: PipelineLoader = default_loader) -> None:
+    def __init__(self, settings: Settings, loader: PipelineLoader | None = None) -> None:
         self._settings = settings
-        self._loader = loader
+        self._loader = loader or engine_loader(settings)
         self._options = LoadOptions(
             models_dir=settings.resolved_models_dir, offline=settings.offline, device=settings.device
         )
@@ -55,8 +70,18 @@ class GenerationService:
         )
 
     def warm_up(self, model: str) -> None:
-        """Load weights before the replica reports ready (STYLE 3/11)."""
-        self._pipeline(model)
+        """Load weights (and compile, when the preset compiles) before the replica reports ready."""
+        pipeline = self._pipeline(model)
+        engine = engine_options(self._settings)
+        if engine.compile_unet or engine.compile_vae_decoder:
+            # Compile the native size at every batch size now, so that no request recompiles.
+            spec = get_spec(model)
+            bucket = SizeBucket(spec.native_width, spec.native_height, spec.default_num_frames)
+            pipeline.warm_up([bucket], max_batch_size=self._settings.max_batch_size)
+        # The device gauges exist (0 on CPU) from the start, before the first job.
+        batch = MetricBatch(self._keys)
+        record_device(batch, pipeline.device)
+        batch.flush(self._redis)
 
     def _pipeline(self, model: str) -> VideoPipeline:
         if model not in self._pipelines:
@@ -76,14 +101,62 @@ class GenerationService:
         except redis.RedisError as exc:  # a missed progress event must not stop the denoising
             log.warning("progress_event_failed", job_id=job_id, error=repr(exc))
 
+    def _record_metrics(self, model: str, device: str, step_times: list[float], batch_size: int = 1) -> None:
+        batch = MetricBatch(self._keys)
+        batch.observe(BATCH_SIZE, {"model": model}, batch_size)
+        for seconds in step_times:
+            batch.observe(DENOISING_STEP_SECONDS, {"model": model, "device": device}, seconds)
+        record_device(batch, device)
+        batch.flush(self._redis)
+
     def _canceled(self, job_id: str) -> bool:
         return bool(self._redis.exists(self._keys.cancel(job_id)))
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        """One request on its own (a batch of one)."""
+        outcome = self.generate_many([request])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | BaseException]:
+        """Run requests in as few denoising loops as their shapes and the batch budget allow.
+
+        Each request gets its own result or its own error: one request's bad image, cancel or
+        failure never fails its batch-mates (`@serve.batch` hands this list back one by one)."""
+        results: list[GenerationResult | BaseException | None] = [None] * len(requests)
+        by_model: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_model.setdefault(request.params.model, []).append(index)
+        for model, indices in by_model.items():
+            prepared: dict[int, VideoParams] = {}
+            try:
+                pipeline = self._pipeline(model)
+            except Exception as exc:
+                for index in indices:
+                    results[index] = exc
+                continue
+            for index in indices:
+                try:
+                    prepared[index] = self._video_params(requests[index])
+                except Exception as exc:
+                    results[index] = exc
+            order = list(prepared)
+            groups = plan_batches(
+                [prepared[i] for i in order], self._settings.batch_max_frame_pixels, self._settings.max_batch_size
+            )
+            for group in groups:
+                members = [order[g] for g in group]
+                outcomes = self._run_group(pipeline, [requests[i] for i in members], [prepared[i] for i in members])
+                for member, outcome in zip(members, outcomes, strict=True):
+                    results[member] = outcome
+        return [r if r is not None else RuntimeError("request was not run") for r in results]
+
+    def _video_params(self, request: GenerationRequest) -> VideoParams:
         params = request.params
-        pipeline = self._pipeline(params.model)
-        image = Image.open(io.BytesIO(self._storage.get(request.image_key))).convert("RGB")
-        video_params = VideoParams(
+        with Image.open(io.BytesIO(self._storage.get(request.image_key))) as raw:
+            image = raw.convert("RGB")
+        return VideoParams(
             image=image,
             width=params.width,
             height=params.height,
@@ -97,20 +170,67 @@ class GenerationService:
             max_guidance_scale=params.max_guidance_scale,
             decode_chunk_size=params.decode_chunk_size,
         )
-        started = time.perf_counter()
-        try:
-            frames: np.ndarray = pipeline.generate(
-                video_params,
-                on_progress=lambda step, steps: self._report(request.job_id, step, steps),
-                should_cancel=lambda: self._canceled(request.job_id),
+
+    def _run_group(
+        self, pipeline: VideoPipeline, requests: list[GenerationRequest], params: list[VideoParams]
+    ) -> list[GenerationResult | BaseException]:
+        """One denoising loop for requests that share a batch key."""
+        model = requests[0].params.model
+        # Step durations go to Redis once the loop ends: one round trip, not one per step. The
+        # first step's time also holds image encoding and latent set-up, so steps are timed from
+        # one step's end to the next's, on the first request's callback (the loop is shared).
+        step_times: list[float] = []
+        last_step: list[float | None] = [None]
+
+        def progress_for(job_id: str, timed: bool) -> Callable[[int, int], None]:
+            def on_progress(step: int, steps: int) -> None:
+                if timed:
+                    now = time.perf_counter()
+                    if last_step[0] is not None:
+                        step_times.append(now - last_step[0])
+                    last_step[0] = now
+                self._report(job_id, step, steps)
+
+            return on_progress
+
+        items = [
+            BatchItem(
+                params=p,
+                on_progress=progress_for(r.job_id, timed=index == 0),
+                should_cancel=lambda job_id=r.job_id: self._canceled(job_id),
             )
-        except GenerationCanceled as exc:
-            raise JobCanceled(f"Job {request.job_id} was canceled during generation.") from exc
+            for index, (r, p) in enumerate(zip(requests, params, strict=True))
+        ]
+        started = time.perf_counter()
+        job_ids = [r.job_id for r in requests]
+        try:
+            with structlog.contextvars.bound_contextvars(job_ids=job_ids), \
+                    job_span("generate", job_ids[0], batch_size=len(job_ids), model=model):
+                outcomes = pipeline.generate_batch(items)
+        except Exception as exc:  # the engine failed as a whole: every member gets the error
+            return [exc for _ in requests]
+        finally:
+            self._record_metrics(model, pipeline.device, step_times, batch_size=len(requests))
         seconds = time.perf_counter() - started
-        return GenerationResult(
-            job_id=request.job_id,
-            frames=frames,
-            gpu_seconds=seconds,
-            device=pipeline.device,
-            timings={"inference_s": round(seconds, 4)},
-        )
+        total_cost = sum(batch_cost(p) for p in params) or 1
+        log.info("generation_done", model=model, batch_size=len(requests), steps=len(step_times),
+                 seconds=round(seconds, 3), job_ids=job_ids)
+        results: list[GenerationResult | BaseException] = []
+        for request, p, outcome in zip(requests, params, outcomes, strict=True):
+            if isinstance(outcome.error, GenerationCanceled):
+                results.append(JobCanceled(f"Job {request.job_id} was canceled during generation."))
+            elif outcome.error is not None or outcome.frames is None:
+                results.append(outcome.error or RuntimeError("the engine returned no frames"))
+            else:
+                # A shared loop's GPU time is split by each request's share of the work.
+                share = seconds * batch_cost(p) / total_cost
+                results.append(
+                    GenerationResult(
+                        job_id=request.job_id,
+                        frames=outcome.frames,
+                        gpu_seconds=share,
+                        device=pipeline.device,
+                        timings={"inference_s": round(seconds, 4), "batch_size": float(len(requests))},
+                    )
+                )
+        return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -9,7 +10,8 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from serving.backend import StageCallback
-from serving.types import GenerationRequest, GenerationResult, PostProcessRequest, PostProcessResult, RenderJob, RenderOutcome, Stage
+from serving.cost import CostEstimate, Prices, estimate
+from serving.types import GenerationRequest, GenerationResult, JobParams, PostProcessRequest, PostProcessResult, RenderJob, RenderOutcome, Stage
 
 T = TypeVar("T")
 
@@ -28,9 +30,36 @@ async def _call(response: Awaitable[T]) -> T:
 class LocalRayBackend:
     name = "local"
 
-    def __init__(self, generator: DeploymentHandle, postprocessor: DeploymentHandle) -> None:
+    def __init__(
+        self,
+        generator: DeploymentHandle,
+        postprocessor: DeploymentHandle,
+        *,
+        app_name: str | None = None,
+        prices: Prices | None = None,
+        job_seconds_estimate: float = 60.0,
+    ) -> None:
         self._generator = generator
         self._postprocessor = postprocessor
+        # Issue #6: health (running Generator replicas of `app_name`) and cost estimates.
+        self._app_name = app_name
+        self._prices = prices or Prices(gpu_hour_usd=0.0, credit_usd=0.0, credits_per_second=0.0)
+        self._job_seconds = job_seconds_estimate
+
+    async def health(self) -> bool:
+        """Whether the Serve app has at least one running Generator replica."""
+        if self._app_name is None:
+            return True
+        from ray import serve
+        from ray.serve.schema import ReplicaState
+
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(self._app_name)
+        generator = app.deployments.get("Generator") if app is not None else None
+        return generator is not None and generator.replica_states.get(ReplicaState.RUNNING, 0) > 0
+
+    def estimate_cost(self, params: JobParams) -> CostEstimate:
+        return estimate(params, self.name, self._prices, self._job_seconds)
 
     @staticmethod
     def _post_request(job: RenderJob) -> PostProcessRequest:

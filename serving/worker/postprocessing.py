@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 
 from serving import media
+from serving.observability.tracing import job_span
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
 from serving.types import PostProcessRequest, PostProcessResult, StoredObject
@@ -25,6 +27,8 @@ from serving.types import PostProcessRequest, PostProcessResult, StoredObject
 # (`cdn_base_url`) the CDN is meant to cache them, so they are `public`.
 PRIVATE_CACHE_CONTROL = "private, max-age=31536000, immutable"
 PUBLIC_CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,13 @@ class PostProcessingService:
         return frames, fps
 
     def process(self, request: PostProcessRequest, frames: np.ndarray) -> PostProcessResult:
+        with structlog.contextvars.bound_contextvars(job_id=request.job_id, owner_id=request.owner_id):
+            with job_span("postprocess", request.job_id):
+                result = self._process(request, frames)
+            log.info("postprocess_done", outputs=sorted(result.objects), **result.timings)
+            return result
+
+    def _process(self, request: PostProcessRequest, frames: np.ndarray) -> PostProcessResult:
         unknown = [kind for kind in request.outputs if kind not in OUTPUT_FORMATS]
         if unknown:
             # The ingress refuses these; a request that gets here anyway is a bug upstream.

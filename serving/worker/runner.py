@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import redis.asyncio as aioredis
 import structlog
 
 from pipelines.errors import NonFiniteOutput
-from serving.backend import StageCallback, VideoBackend
+from serving.backend import ProviderOutcome, StageCallback, VideoBackend
+from serving.cost import Prices
 from serving.db.jobs import JobChanges, JobRecord, JobRepository
-from serving.errors import InvalidTransition, JobCanceled, NotFound, PermanentError, RetryableError
+from serving.errors import InvalidTransition, JobCanceled, NotFound, PermanentError, ProviderTaskFailed, RetryableError
 from serving.events import JobEventSink, SinkGroup
 from serving.keys import Keys
+from serving.observability.job_metrics import JobMetrics
+from serving.observability.tracing import job_span
+from serving.providers.router import LOCAL, RUNWAY, ProviderRouter, RoutingDecision, RoutingReason
 from serving.queue import ConsumedJobInfo
 from serving.uris import key_from_uri
 from serving.types import JobParams, JobStatus, QueuedJob, RenderJob, RenderOutcome, Stage
@@ -33,6 +37,20 @@ log = structlog.get_logger(__name__)
 STAGE_PROGRESS = {Stage.LOADING: 0.0, Stage.ENCODING: 0.92, Stage.UPLOADING: 0.97, Stage.DONE: 1.0}
 
 
+class _RoutingFields(TypedDict, total=False):
+    """The routing columns `_start` sets with the processing transition (issue #6)."""
+
+    provider: str
+    routing_reason: str | None
+
+
+class _CostFields(TypedDict, total=False):
+    """The cost columns `_complete` sets with the completed transition (issue #6)."""
+
+    cost_usd: float | None
+    provider_credits: float | None
+
+
 class JobRunner:
     """Runs one leased job to a terminal state (or back to the queue for another attempt)."""
 
@@ -43,6 +61,10 @@ class JobRunner:
         redis: aioredis.Redis,
         keys: Keys,
         events: JobEventSink | None = None,
+        metrics: JobMetrics | None = None,
+        *,
+        router: ProviderRouter | None = None,
+        prices: Prices | None = None,
     ) -> None:
         self._jobs = jobs
         self._backend = backend
@@ -50,8 +72,18 @@ class JobRunner:
         self._keys = keys
         # Told of every status change and progress report: live events and outcome webhooks.
         self._events: JobEventSink = events if events is not None else SinkGroup()
+        self._metrics = metrics  # worker metrics in Redis (serving.metrics); None in unit tests
+        # Issue #6: which provider runs each job (None: always `backend`), and what a job costs.
+        self._router = router
+        self._prices = prices
 
     async def handle(self, queued: QueuedJob, info: ConsumedJobInfo) -> None:
+        # Every log line of this job, here and in what it calls, carries its ids.
+        with structlog.contextvars.bound_contextvars(job_id=queued.job_id, owner_id=queued.owner_id):
+            with job_span("dispatch", queued.job_id, attempt=info.attempt):
+                await self._handle(queued, info)
+
+    async def _handle(self, queued: QueuedJob, info: ConsumedJobInfo) -> None:
         record = await self._jobs.get(queued.job_id)
         if record is None:
             log.warning("job_row_missing", job_id=queued.job_id)
@@ -66,7 +98,8 @@ class JobRunner:
         if await self._redis.exists(self._keys.cancel(record.id)):
             await self._finish_canceled(record.id)
             return
-        record = await self._start(record)
+        decision, refusal = await self._route(record)
+        record = await self._start(record, decision)
         job = RenderJob(
             job_id=record.id,
             owner_id=record.owner_id,
@@ -74,14 +107,18 @@ class JobRunner:
             params=JobParams.from_json(record.params),
         )
         log.info("job_started", job_id=record.id, owner_id=record.owner_id, attempt=info.attempt)
+        if self._metrics is not None:
+            await self._metrics.routed(record.provider or "local", record.routing_reason or "default")
         started = time.perf_counter()
         try:
-            outcome = await self._backend.render(job, self._stage_callback(record.id))
+            if refusal is not None:
+                raise refusal  # no provider may take the job: handled like a failed attempt
+            outcome = await self._render(record, job, decision, info)
         except JobCanceled:
             await self._finish_canceled(record.id)
             return
         except (PermanentError, NonFiniteOutput) as exc:
-            await self._fail(record.id, getattr(exc, "code", "generation_failed"), str(exc))
+            await self._fail(record.id, getattr(exc, "code", "generation_failed"), str(exc), self._failure_cost(exc))
             raise PermanentError(str(exc)) from exc
         except Exception as exc:
             if info.is_last_attempt:
@@ -92,12 +129,84 @@ class JobRunner:
             raise RetryableError(str(exc)) from exc
         await self._complete(record, job, outcome, time.perf_counter() - started)
 
-    async def _start(self, record: JobRecord) -> JobRecord:
+    async def _route(self, record: JobRecord) -> tuple[RoutingDecision | None, Exception | None]:
+        """Where this attempt runs; an error instead when no provider may take the job."""
+        if self._router is None:
+            return None, None
+        if record.provider == RUNWAY and record.provider_job_id:
+            # A Runway task exists for this job already: resume polling it, never create another.
+            return RoutingDecision(RUNWAY, RoutingReason.RESUMED), None
+        try:
+            return await self._router.route(record.requested_provider), None
+        except (PermanentError, RetryableError) as exc:
+            return None, exc
+
+    async def _render(
+        self, record: JobRecord, job: RenderJob, decision: RoutingDecision | None, info: ConsumedJobInfo
+    ) -> RenderOutcome:
+        """Render on the chosen provider; a local failure on the last attempt may fall back."""
+        provider = decision.provider if decision is not None else LOCAL
+        try:
+            return await self._render_on(provider, job)
+        except (JobCanceled, PermanentError, NonFiniteOutput):
+            raise
+        except Exception as exc:
+            if not (info.is_last_attempt and self._router is not None and provider == LOCAL):
+                raise
+            fallback = await self._router.route(record.requested_provider, local_failed=True)
+            if fallback.provider == LOCAL:
+                raise
+            log.warning("job_falling_back", job_id=record.id, provider=fallback.provider, error=repr(exc))
+            await self._jobs.record_routing(record.id, provider=fallback.provider, routing_reason=fallback.reason.value)
+            return await self._render_on(fallback.provider, job)
+
+    async def _render_on(self, provider: str, job: RenderJob) -> RenderOutcome:
+        backend = self._backend if self._router is None or provider == LOCAL else self._router.backend(provider)
+        try:
+            outcome = await backend.render(job, self._stage_callback(job.job_id))
+        except (JobCanceled, PermanentError, NonFiniteOutput):
+            raise  # the job's own outcome, not a sign of a failing provider
+        except Exception:
+            if self._router is not None:
+                self._router.record(provider, ok=False)
+            raise
+        if self._router is not None:
+            self._router.record(provider, ok=True)
+        return outcome
+
+    def _cost_fields(self, outcome: RenderOutcome) -> _CostFields:
+        """What the job cost: a provider's credits, or its measured GPU-seconds."""
+        if self._prices is None:
+            return {}
+        credits = outcome.credits if isinstance(outcome, ProviderOutcome) else None
+        if credits is not None:
+            return {"cost_usd": self._prices.credits_cost(credits), "provider_credits": credits}
+        return {"cost_usd": self._prices.gpu_cost(outcome.gpu_seconds)}
+
+    async def abandon(self, queued: QueuedJob, reason: str) -> None:
+        """The queue gave up on a job whose runs kept ending with their worker (a poison job
+        that crashes it): the job ends in `error` and lands in the dead-letter view."""
+        record = await self._jobs.get(queued.job_id)
+        if record is None or record.status.terminal:
+            return
+        runs = max(record.attempts, 1)
+        await self._fail(record.id, "worker_lost", f"The job stopped its worker {runs} times ({reason}).")
+
+    def _failure_cost(self, exc: BaseException) -> _CostFields:
+        """A provider task that failed may still have been charged (Runway reports its credits)."""
+        if self._prices is None or not isinstance(exc, ProviderTaskFailed) or exc.credits is None:
+            return {}
+        return {"cost_usd": self._prices.credits_cost(exc.credits), "provider_credits": exc.credits}
+
+    async def _start(self, record: JobRecord, decision: RoutingDecision | None = None) -> JobRecord:
         if record.status is JobStatus.PROCESSING:
             # The previous holder died mid-job and the queue handed the job to us: take it over.
             await self._transition(record.id, JobStatus.QUEUED, stage="requeued")
         queue_wait = (datetime.now(timezone.utc) - _aware(record.created_at)).total_seconds()
         timings = {"queue_wait_s": round(queue_wait, 4)} if record.started_at is None else {}
+        routing: _RoutingFields = {}
+        if decision is not None and decision.reason is not RoutingReason.RESUMED:  # a resume keeps its reason
+            routing = {"provider": decision.provider, "routing_reason": decision.reason.value}
         return await self._transition(
             record.id,
             JobStatus.PROCESSING,
@@ -105,6 +214,7 @@ class JobRunner:
             progress=0.0,
             attempts=record.attempts + 1,
             timings=timings,
+            **routing,
         )
 
     def _stage_callback(self, job_id: str) -> StageCallback:
@@ -132,6 +242,7 @@ class JobRunner:
                 outputs={kind: stored.to_json() for kind, stored in outcome.objects.items()},
                 gpu_seconds=outcome.gpu_seconds,
                 timings=timings,
+                **self._cost_fields(outcome),
             )
         except InvalidTransition:
             # Canceled while we finished: the cancel is the visible outcome, so drop our outputs.
@@ -147,25 +258,31 @@ class JobRunner:
             pass  # already canceled by the ingress (the usual case) or gone
         log.info("job_canceled", job_id=job_id)
 
-    async def _fail(self, job_id: str, code: str, message: str) -> None:
+    async def _fail(self, job_id: str, code: str, message: str, cost: _CostFields | None = None) -> None:
         try:
-            await self._transition(job_id, JobStatus.ERROR, error_code=code, error_message=message[:2000])
+            await self._transition(
+                job_id, JobStatus.ERROR, error_code=code, error_message=message[:2000], **(cost or {})
+            )
         except InvalidTransition:
             pass  # canceled meanwhile; that outcome stands
         log.error("job_failed", job_id=job_id, code=code, error=message)
 
     async def _requeue(self, job_id: str, exc: Exception) -> None:
         try:
-            await self._transition(
+            record = await self._transition(
                 job_id, JobStatus.QUEUED, stage="retrying", error_code="attempt_failed", error_message=str(exc)[:2000]
             )
         except InvalidTransition:
-            pass
+            return
+        if self._metrics is not None:
+            await self._metrics.finished(record)  # counted as `retrying`
 
     async def _transition(self, job_id: str, to: JobStatus, **fields: Unpack[JobChanges]) -> JobRecord:
         """Every status change the runner makes: the guarded transition, then the sink hears."""
         record = await self._jobs.transition(job_id, to, **fields)
         await self._events.job_changed(record)
+        if self._metrics is not None and record.status.terminal:
+            await self._metrics.finished(record)
         return record
 
 

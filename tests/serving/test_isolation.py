@@ -154,8 +154,12 @@ async def test_isolation_matrix(app: App, unique_prefix: str) -> None:
             assert [job["jobId"] for job in listing["jobs"]] == [caller.job_id]
             assert victim.marker not in json.dumps(listing)
             # The same Idempotency-Key names a different job for each owner.
-            again = await caller.client.post("/api/v1/animate-image", files={"image": ("a.png", png_bytes(), "image/png")},
-                                             headers={"Idempotency-Key": "shared-key"})
+            again = await caller.client.post(
+                "/api/v1/animate-image",
+                files={"image": ("a.png", png_bytes(), "image/png")},
+                data={"prompt": caller.marker, "metadata": json.dumps({"note": caller.marker})},
+                headers={"Idempotency-Key": "shared-key"},
+            )
             assert again.status_code == 200 and again.json()["jobId"] == caller.job_id
 
         # The victim's job is untouched by all of that (no cancel, no retry went through).

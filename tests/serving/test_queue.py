@@ -364,3 +364,47 @@ async def test_job_of_a_vanished_consumer_is_recovered(
     # Recovery from a stall is not a failed attempt: the number stays 1.
     assert runs == ["first", "second:1"]
     assert (await queue.counts())["completed"] == 1
+
+
+async def test_hand_back_requeues_at_once_without_spending_an_attempt(
+    queue: JobQueue, start_consumer: ConsumerFactory
+) -> None:
+    # A long lease: the job must come back because it was handed back, not because a lock lapsed.
+    lock_ms = 60000
+    runs: list[str] = []
+    released: list[str] = []
+    started, second_done = asyncio.Event(), asyncio.Event()
+    never = asyncio.Event()
+
+    async def stuck(job: QueuedJob, info: ConsumedJobInfo) -> None:
+        runs.append(f"first:{info.attempt}")
+        started.set()
+        await never.wait()
+
+    async def healthy(job: QueuedJob, info: ConsumedJobInfo) -> None:
+        runs.append(f"second:{info.attempt}")
+        second_done.set()
+
+    async def before_release(job_id: str) -> None:
+        # Runs while the job is still ours: nobody else may have started it yet.
+        released.append(f"{job_id}:{(await queue.counts())['active']}")
+
+    await add(queue, "low", Priority.LOW)
+    await add(queue, "handed", Priority.NORMAL, attempts=3)
+    first = await start_consumer(stuck, lock_duration_ms=lock_ms)
+    await gate(started)
+    await first.stop_taking_jobs()
+    assert [a.job_id for a in first.active_jobs] == ["handed"]
+    assert await first.hand_back(["handed", "unknown"], before_release) == ["handed"]
+    assert released == ["handed:1"] and first.active_jobs == []
+    counts = await queue.counts()
+    assert (counts["active"], counts["waiting"], counts["failed"]) == (0, 2, 0)
+    # Back at the front of its priority, ahead of the low-priority job.
+    assert await queue.position("handed") == 0 and await queue.position("low") == 1
+    await first.close()
+
+    second = await start_consumer(healthy, lock_duration_ms=lock_ms)
+    await gate(second_done)
+    await second.close()
+    # The hand-back spent no attempt.
+    assert runs[:2] == ["first:1", "second:1"]

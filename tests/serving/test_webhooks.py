@@ -326,3 +326,28 @@ async def test_submission_refuses_a_bad_webhook_url(
     assert response.status_code == 422, response.text
     assert response.json()["code"] == code
     assert listed == []
+
+
+async def test_an_owner_default_webhook_url_applies_when_the_request_names_none(
+    env: Env, tmp_path: Path, unique_prefix: str
+) -> None:
+    default = "http://127.0.0.1:9/owner-default"
+    settings = make_settings(tmp_path, env.settings.database_url or "", env.settings.redis_url or "", unique_prefix,
+                             owner_webhook_urls={env.alice.id: default})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver",
+                                     headers=env.alice.headers) as client:
+            plain = await client.post("/api/v1/animate-image", files={"image": ("a.png", png_bytes(), "image/png")})
+            own = await client.post(
+                "/api/v1/animate-image",
+                files={"image": ("a.png", png_bytes(), "image/png")},
+                data={"webhookUrl": "http://127.0.0.1:9/explicit"},
+            )
+            jobs = app.state.services.jobs
+            defaulted = await jobs.get(plain.json()["jobId"])
+            explicit = await jobs.get(own.json()["jobId"])
+        await app.state.services.queue.obliterate()
+    assert plain.status_code == own.status_code == 202
+    assert defaulted is not None and defaulted.webhook_url == default
+    assert explicit is not None and explicit.webhook_url == "http://127.0.0.1:9/explicit"

@@ -73,3 +73,29 @@ def test_postprocess_stores_video_and_thumbnail_then_discards(settings: Settings
     assert storage.content_type("o1/j3/thumbnail.jpg") == "image/jpeg"
     assert service.discard(request) == 2
     assert not storage.exists(video.key)
+
+
+def test_generate_many_batches_compatible_requests_and_isolates_failures(settings: Settings, image_key: str) -> None:
+    from dataclasses import replace
+
+    service = GenerationService(settings.model_copy(update={"max_batch_size": 4}))
+    other_size = replace(PARAMS, width=64, seed=5)
+    requests = [
+        GenerationRequest("b1", image_key, PARAMS),
+        GenerationRequest("b2", image_key, replace(PARAMS, seed=99, fps=12, motion_bucket_id=30)),
+        GenerationRequest("b3", "o1/missing/input.png", PARAMS),  # its image is gone: only it fails
+        GenerationRequest("b4", image_key, other_size),  # another shape: its own loop
+    ]
+    outcomes = service.generate_many(requests)
+    first, second, missing, alone = outcomes
+    assert isinstance(missing, Exception)
+    assert not isinstance(first, BaseException) and not isinstance(second, BaseException)
+    assert not isinstance(alone, BaseException)
+    assert first.timings["batch_size"] == second.timings["batch_size"] == 2
+    assert alone.timings["batch_size"] == 1 and alone.frames.shape == (5, 64, 64, 3)
+    # One loop's time is shared: equal work, equal halves.
+    assert first.gpu_seconds == pytest.approx(second.gpu_seconds)
+    assert first.gpu_seconds == pytest.approx(first.timings["inference_s"] / 2, rel=1e-3)
+    # A request's video does not depend on its batch-mates.
+    single = GenerationService(settings).generate(GenerationRequest("b5", image_key, PARAMS))
+    np.testing.assert_allclose(single.frames.astype(int), first.frames.astype(int), atol=1)

@@ -1,0 +1,44 @@
+"""/api/v1/admin: operator views across owners (API keys with the `admin` scope)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from serving.db.jobs import JobRecord
+from serving.ingress.deps import AdminDep, ServicesDep
+from serving.ingress.schemas import DeadLetterEntry, DeadLetterResponse, ErrorInfo
+
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+
+
+def _entry(record: JobRecord) -> DeadLetterEntry:
+    error = ErrorInfo(code=record.error_code, message=record.error_message or "") if record.error_code else None
+    return DeadLetterEntry(
+        job_id=record.id,
+        owner_id=record.owner_id,
+        error=error,
+        attempts=record.attempts,
+        max_attempts=record.max_attempts,
+        model=record.model,
+        retry_of=record.retry_of,
+        created_at=record.created_at,
+        completed_at=record.completed_at,
+    )
+
+
+@router.get("/dead-letter", response_model=DeadLetterResponse, response_model_by_alias=True,
+            responses={401: {"description": "Missing or invalid API key"},
+                       403: {"description": "The API key lacks the admin scope"}})
+async def dead_letter(
+    services: ServicesDep,
+    _admin: AdminDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: str | None = None,
+    owner: Annotated[str | None, Query(max_length=128)] = None,
+) -> DeadLetterResponse:
+    """Jobs that ended in `error` (attempts exhausted, a job that kept killing its worker, a
+    permanent failure), newest first; `POST /api/v1/animate-image/{jobId}/retry` re-runs one."""
+    records, next_cursor = await services.jobs.list_dead_letters(limit=limit, cursor=cursor, owner_id=owner)
+    return DeadLetterResponse(jobs=[_entry(r) for r in records], next_cursor=next_cursor)

@@ -1,0 +1,1 @@
+"""Operations signals: queue and replica gauges, GPU probes, job metrics, optional tracing/Sentry."""

@@ -1,0 +1,216 @@
+"""Which provider runs a job, and why (issue #6).
+
+Per request `provider`: `local`, `runway` or `auto` (the default). `auto` stays local unless the
+operator allowed the fallback (`fallback_enabled` and a Runway key) and one of these holds: the
+job failed locally on its every attempt; the local pool has had no healthy replica for longer
+than `local_unhealthy_threshold_s`; the estimated local queue wait exceeds `routing_sla_s`; the
+local breaker is open. A provider whose breaker is open gets nothing but its periodic probe.
+Each decision is stored on the job (`provider`, `routing_reason`) and counted in metrics.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+from prometheus_client import Counter
+
+from serving.backend import VideoBackend
+from serving.errors import PermanentError, ProviderUnavailable
+from serving.providers.breaker import CircuitBreaker
+from serving.providers.health import LocalHealth
+from serving.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+ROUTING_DECISIONS = Counter(
+    "svd_routing_decisions_total", "Jobs routed, by provider and reason", ["provider", "reason"]
+)
+
+LOCAL = "local"
+RUNWAY = "runway"
+PROVIDERS = (LOCAL, RUNWAY)
+
+WaitEstimator = Callable[[], Awaitable[float]]
+
+
+class RoutingReason(str, enum.Enum):
+    REQUESTED = "requested"  # the client named the provider
+    DEFAULT = "default"  # auto, and the local pool can serve
+    LOCAL_FAILED = "local_failed"  # failed locally on every attempt
+    LOCAL_UNHEALTHY = "local_unhealthy"  # no healthy local replica for too long
+    QUEUE_WAIT = "queue_wait"  # the estimated local wait exceeds the SLA
+    LOCAL_BREAKER_OPEN = "local_breaker_open"
+    RUNWAY_BREAKER_OPEN = "runway_breaker_open"  # would have fallen back, but Runway is failing
+    RESUMED = "resumed"  # a provider task already exists for the job: keep polling it
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """The operator's routing settings."""
+
+    runway_configured: bool  # a Runway API key is set
+    fallback_enabled: bool
+    unhealthy_threshold_s: float
+    sla_s: float  # 0: no SLA rule
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RoutingPolicy:
+        return cls(
+            runway_configured=bool(settings.runway_api_key.get_secret_value()),
+            fallback_enabled=settings.fallback_enabled,
+            unhealthy_threshold_s=settings.local_unhealthy_threshold_s,
+            sla_s=settings.routing_sla_s,
+        )
+
+    @property
+    def fallback_allowed(self) -> bool:
+        return self.fallback_enabled and self.runway_configured
+
+
+@dataclass(frozen=True)
+class RoutingSignals:
+    """What the router knows about the local pool when it decides."""
+
+    local_unhealthy_for_s: float = 0.0
+    estimated_wait_s: float = 0.0
+    local_failed: bool = False
+    local_breaker_open: bool = False
+    runway_breaker_open: bool = False
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    provider: str
+    reason: RoutingReason
+
+
+def decide(requested: str, signals: RoutingSignals, policy: RoutingPolicy) -> RoutingDecision:
+    """The routing rules, as a pure function. Raises `PermanentError` for `runway` without a
+    key, `ProviderUnavailable` (retryable) for `runway` while its breaker is open."""
+    if requested == LOCAL:
+        return RoutingDecision(LOCAL, RoutingReason.REQUESTED)
+    if requested == RUNWAY:
+        if not policy.runway_configured:
+            raise PermanentError(
+                "Runway was requested but no Runway API key is configured.", code="provider_not_configured"
+            )
+        if signals.runway_breaker_open:
+            raise ProviderUnavailable("Runway keeps failing; its circuit breaker is open. The job will be retried.")
+        return RoutingDecision(RUNWAY, RoutingReason.REQUESTED)
+    if requested != "auto":
+        raise PermanentError(f"Unknown provider {requested!r}.", code="unknown_provider")
+    if not policy.fallback_allowed:
+        return RoutingDecision(LOCAL, RoutingReason.DEFAULT)
+    reason: RoutingReason | None = None
+    if signals.local_failed:
+        reason = RoutingReason.LOCAL_FAILED
+    elif signals.local_unhealthy_for_s > policy.unhealthy_threshold_s:
+        reason = RoutingReason.LOCAL_UNHEALTHY
+    elif policy.sla_s > 0 and signals.estimated_wait_s > policy.sla_s:
+        reason = RoutingReason.QUEUE_WAIT
+    elif signals.local_breaker_open:
+        reason = RoutingReason.LOCAL_BREAKER_OPEN
+    if reason is None:
+        return RoutingDecision(LOCAL, RoutingReason.DEFAULT)
+    if signals.runway_breaker_open:
+        return RoutingDecision(LOCAL, RoutingReason.RUNWAY_BREAKER_OPEN)
+    return RoutingDecision(RUNWAY, reason)
+
+
+class ProviderRouter:
+    """Holds the backends and their breakers; gathers the signals and decides per job."""
+
+    def __init__(
+        self,
+        policy: RoutingPolicy,
+        backends: Mapping[str, VideoBackend],
+        breakers: Mapping[str, CircuitBreaker],
+        *,
+        health: LocalHealth | None = None,
+        estimate_wait_s: WaitEstimator | None = None,
+    ) -> None:
+        if LOCAL not in backends:
+            raise ValueError("the local backend is required")
+        self.policy = policy
+        self._backends = dict(backends)
+        self._breakers = dict(breakers)
+        self._health = health
+        self._estimate_wait_s = estimate_wait_s
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        backends: Mapping[str, VideoBackend],
+        *,
+        health: LocalHealth | None = None,
+        estimate_wait_s: WaitEstimator | None = None,
+    ) -> ProviderRouter:
+        breakers = {
+            name: CircuitBreaker(
+                name, failure_threshold=settings.breaker_failure_threshold, reset_s=settings.breaker_reset_s
+            )
+            for name in backends
+        }
+        return cls(
+            RoutingPolicy.from_settings(settings), backends, breakers, health=health, estimate_wait_s=estimate_wait_s
+        )
+
+    def backend(self, provider: str) -> VideoBackend:
+        try:
+            return self._backends[provider]
+        except KeyError:
+            raise PermanentError(f"Provider {provider!r} is not configured.", code="provider_not_configured") from None
+
+    def breaker(self, provider: str) -> CircuitBreaker | None:
+        return self._breakers.get(provider)
+
+    def _open(self, provider: str) -> bool:
+        breaker = self._breakers.get(provider)
+        if provider == RUNWAY and provider not in self._backends:
+            return True  # no adapter: as unusable as a failing one
+        return breaker is not None and not breaker.available()
+
+    async def signals(self, *, local_failed: bool = False) -> RoutingSignals:
+        unhealthy_s = 0.0
+        if not self.policy.fallback_allowed:
+            # Nowhere to fall back to: the local pool's health and queue cannot change the decision.
+            return RoutingSignals(local_failed=local_failed, runway_breaker_open=self._open(RUNWAY))
+        if self._health is not None:
+            await self._health.refresh()
+            unhealthy_s = self._health.unhealthy_for_s()
+        wait_s = 0.0
+        if self._estimate_wait_s is not None and self.policy.sla_s > 0:
+            try:
+                wait_s = await self._estimate_wait_s()
+            except Exception as exc:  # no estimate: the SLA rule cannot fire, the others still can
+                log.warning("queue_wait_estimate_failed", error=repr(exc))
+        return RoutingSignals(
+            local_unhealthy_for_s=unhealthy_s,
+            estimated_wait_s=wait_s,
+            local_failed=local_failed,
+            local_breaker_open=self._open(LOCAL),
+            runway_breaker_open=self._open(RUNWAY),
+        )
+
+    async def route(self, requested: str, *, local_failed: bool = False) -> RoutingDecision:
+        """Decide for one job, claim the chosen provider's breaker slot, count the decision."""
+        decision = decide(requested, await self.signals(local_failed=local_failed), self.policy)
+        breaker = self._breakers.get(decision.provider)
+        if breaker is not None:
+            breaker.allow()  # takes the half-open probe when that is what let the job through
+        ROUTING_DECISIONS.labels(decision.provider, decision.reason.value).inc()
+        return decision
+
+    def record(self, provider: str, *, ok: bool) -> None:
+        """The outcome of one call to `provider`, for its breaker."""
+        breaker = self._breakers.get(provider)
+        if breaker is None:
+            return
+        if ok:
+            breaker.record_success()
+        else:
+            breaker.record_failure()

@@ -1,0 +1,217 @@
+"""Every manifest in k8s/ and every overlay's rendered result validates: core kinds with
+kubernetes-validate (strict: unknown fields fail), RayService and monitoring CRDs against the
+vendored schemas in k8s/schemas; overlays name only files that exist; alerts and the dashboard
+use only metrics the service exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from serving.metrics import WORKER_METRICS
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+SCHEMAS = K8S / "schemas"
+KUBERNETES_VERSION = "1.32.0"  # the oldest version we support; newer ones accept these too
+KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+CRD_SCHEMAS = {
+    ("ray.io/v1", "RayService"): "rayservice_ray_v1.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor_monitoring_v1.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor_monitoring_v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule_monitoring_v1.json",
+}
+# Exported by the ingress itself (serving.metrics, serving.observability.queue_gauges, /metrics)
+INGRESS_METRICS = {
+    "svd_submissions_total", "svd_cancellations_total", "svd_http_request_duration_seconds",
+    "svd_queue_depth_jobs", "svd_queue_oldest_job_age_seconds", "svd_queue_jobs", "svd_metrics_redis_up",
+}
+
+
+@cache
+def crd_validator(file_name: str) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(json.loads((SCHEMAS / file_name).read_text()))
+
+
+def validate(doc: dict[str, Any]) -> None:
+    """Raise unless `doc` is a valid resource of a kind we know."""
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key in CRD_SCHEMAS:
+        errors = sorted(crd_validator(CRD_SCHEMAS[key]).iter_errors(doc), key=lambda e: list(e.path))
+        if errors:
+            raise AssertionError("; ".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:5]))
+        return
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) must be on the PATH to render the overlays"
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def manifest_files() -> list[Path]:
+    """Plain resource files (not kustomizations, patches or generator inputs)."""
+    return sorted(
+        p for p in K8S.rglob("*.yaml")
+        if p.name != "kustomization.yaml" and "patches" not in p.parts
+    )
+
+
+def label(path: Path) -> str:
+    return str(path.relative_to(K8S))
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=label)
+def test_every_manifest_file_validates(path: Path) -> None:
+    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert docs
+    for doc in docs:
+        validate(doc)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=label)
+def test_kustomization_names_only_existing_files(directory: Path) -> None:
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    named: list[str] = list(spec.get("resources", []))
+    named += [p["path"] for p in spec.get("patches", []) if "path" in p]
+    for generator in spec.get("configMapGenerator", []) + spec.get("secretGenerator", []):
+        named += [f.split("=", 1)[-1] for f in generator.get("files", [])]
+    assert named
+    for name in named:
+        target = (directory / name).resolve()
+        assert target.exists(), f"{label(directory)} names {name}, which does not exist"
+        if target.is_dir():
+            assert (target / "kustomization.yaml").is_file(), f"{name} is a directory without a kustomization"
+    # every patch file in the directory is used (a forgotten patch silently changes nothing)
+    for patch in (directory / "patches").glob("*.yaml") if (directory / "patches").is_dir() else []:
+        assert f"patches/{patch.name}" in named, f"{label(patch)} is not applied"
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=label)
+def test_rendered_kustomization_validates(directory: Path) -> None:
+    docs = kustomize(directory)
+    assert docs
+    for doc in docs:
+        try:
+            validate(doc)
+        except Exception as exc:
+            raise AssertionError(f"{label(directory)}: {doc['kind']}/{doc['metadata']['name']}: {exc}") from exc
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, (kind, name)
+    return found[0]
+
+
+def test_validators_reject_misspelt_fields() -> None:
+    deployment = next(d for d in kustomize(K8S / "base") if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment)
+    rayservice = by_kind(kustomize(K8S / "base"), "RayService", "svd-serve")
+    rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    with pytest.raises(AssertionError, match="maxReplica"):
+        validate(rayservice)
+    with pytest.raises(kubernetes_validate.utils.SchemaNotFoundError):
+        validate({"apiVersion": "example.com/v1", "kind": "Unknown", "metadata": {"name": "x"}})
+
+
+def gpu_group(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    groups = by_kind(docs, "RayService", "svd-serve")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert [g["groupName"] for g in groups] == ["gpu"]
+    return groups[0]
+
+
+def test_prod_spot_places_head_on_demand_and_gpus_on_spot() -> None:
+    docs = kustomize(K8S / "overlays" / "prod-spot")
+    cluster = by_kind(docs, "RayService", "svd-serve")["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["template"]["spec"]["nodeSelector"] == {"karpenter.sh/capacity-type": "on-demand"}
+    worker = gpu_group(docs)["template"]["spec"]
+    assert worker["nodeSelector"]["karpenter.sh/capacity-type"] == "spot"
+    assert {t["key"] for t in worker["tolerations"]} >= {"nvidia.com/gpu", "spot"}
+    limits = worker["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 1
+    drain = float(by_kind(docs, "ConfigMap", "svd-serve-config")["data"]["SVD_SERVE_DRAIN_GRACE_S"])
+    assert drain < worker["terminationGracePeriodSeconds"] <= 120  # the drain ends before the kill
+    policy = by_kind(docs, "NetworkPolicy", "allow-backing-services")
+    cidrs = [rule["to"][0].get("ipBlock", {}).get("cidr") for rule in policy["spec"]["egress"]]
+    assert not any(c and c.startswith("10.20.") for c in cidrs)  # the base's placeholders were replaced
+    assert all(img["image"].startswith("registry.example.com/") for img in worker["containers"])
+
+
+def test_dev_runs_without_gpus_with_in_cluster_services() -> None:
+    docs = kustomize(K8S / "overlays" / "dev")
+    worker = gpu_group(docs)["template"]["spec"]
+    resources = worker["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in {**resources.get("limits", {}), **resources.get("requests", {})}
+    assert "tolerations" not in worker
+    for name in ("redis", "postgres", "minio"):
+        by_kind(docs, "Service", name)
+    secret = by_kind(docs, "Secret", "svd-serve")
+    assert "REDIS_URL" in secret["data"]
+
+
+def test_serve_config_points_at_our_app_builder() -> None:
+    rayservice = by_kind(kustomize(K8S / "base"), "RayService", "svd-serve")
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    module, _, attribute = app["import_path"].partition(":")
+    assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+    assert re.search(rf"^def {attribute}\(", (ROOT / (module.replace(".", "/") + ".py")).read_text(), re.MULTILINE)
+
+
+def test_secret_example_holds_no_values() -> None:
+    (secret,) = yaml.safe_load_all((K8S / "secrets" / "svd-serve.example.yaml").read_text())
+    assert secret["stringData"] and all(value == "" for value in secret["stringData"].values())
+    assert "data" not in secret
+
+
+def test_service_monitor_selects_the_api_service() -> None:
+    docs = kustomize(K8S / "base")
+    monitor = by_kind(docs, "ServiceMonitor", "svd-serve-api")
+    service = by_kind(docs, "Service", "svd-serve-api")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def exported_metric_names() -> set[str]:
+    return INGRESS_METRICS | {m.name for m in WORKER_METRICS}
+
+
+def used_metrics(text: str) -> set[str]:
+    names = set(re.findall(r"\bsvd_[a-z0-9_]+", text))
+    return {re.sub(r"_(bucket|sum|count)$", "", n) if not n.endswith("_total") else n for n in names}
+
+
+def test_alerts_and_dashboard_use_exported_metrics() -> None:
+    rules = yaml.safe_load((K8S / "monitoring" / "alerts.yaml").read_text())
+    exprs = " ".join(r["expr"] for g in rules["spec"]["groups"] for r in g["rules"])
+    dashboard = json.loads((K8S / "monitoring" / "dashboard.json").read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    exported = exported_metric_names()
+    assert used_metrics(exprs) <= exported, used_metrics(exprs) - exported
+    assert used_metrics(queries) <= exported, used_metrics(queries) - exported
+    # every alert has a runbook section
+    runbook = (ROOT / "docs" / "operations.md").read_text().lower()
+    for group in rules["spec"]["groups"]:
+        for rule in group["rules"]:
+            assert f"### {rule['alert'].lower()}" in runbook, rule["alert"]
+    # the issue's alerts are all there
+    alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"]}
+    assert {"SvdQueueAgeOverSla", "SvdJobErrorRate", "SvdWebhookFailures", "SvdNoReadyGpuReplica",
+            "SvdOwnerMonthlyBudget"} <= alerts
