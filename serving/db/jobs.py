@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from sqlalchemy import (
     RowMapping,
+    Select,
     Table,
     and_,
     bindparam,
@@ -220,13 +221,18 @@ class JobRepository:
         status: JobStatus | None = None,
     ) -> tuple[list[JobRecord], str | None]:
         """One page of the owner's jobs, newest first, and the cursor of the next page (or None)."""
+        stmt = select(jobs).where(jobs.c.owner_id == owner_id)
+        if status is not None:
+            stmt = stmt.where(jobs.c.status == JobStatus(status).value)
+        return await self._page(stmt, limit, cursor)
+
+    async def _page(self, stmt: Select[Any], limit: int, cursor: str | None) -> tuple[list[JobRecord], str | None]:
+        """Keyset paging, newest first: (created_at, id) is unique, so the order and the pages are
+        stable while jobs are added."""
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise InvalidInput(
                 f"limit must be between 1 and {MAX_PAGE_SIZE} but is {limit}", code="invalid_limit"
             )
-        stmt = select(jobs).where(jobs.c.owner_id == owner_id)
-        if status is not None:
-            stmt = stmt.where(jobs.c.status == JobStatus(status).value)
         if cursor is not None:
             after_created, after_id = _decode_cursor(cursor)
             stmt = stmt.where(
@@ -235,13 +241,11 @@ class JobRepository:
                     and_(jobs.c.created_at == after_created, jobs.c.id < after_id),
                 )
             )
-        # (created_at, id) is unique, so the order and thus the paging are stable.
         stmt = stmt.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
         async with self._sessions() as session:
             rows = (await session.execute(stmt)).mappings().all()
         records = [_record(row) for row in rows[:limit]]
-        next_cursor = _encode_cursor(records[-1]) if len(rows) > limit else None
-        return records, next_cursor
+        return records, _encode_cursor(records[-1]) if len(rows) > limit else None
 
     async def transition(
         self, job_id: str | uuid.UUID, to: JobStatus, **fields: Unpack[JobChanges]
@@ -368,26 +372,10 @@ class JobRepository:
     ) -> tuple[list[JobRecord], str | None]:
         """Jobs that ended in `error` (attempts exhausted, poison, permanent failure), newest
         first, with the cursor of the next page; across owners unless `owner_id` is given."""
-        if not 1 <= limit <= MAX_PAGE_SIZE:
-            raise InvalidInput(
-                f"limit must be between 1 and {MAX_PAGE_SIZE} but is {limit}", code="invalid_limit"
-            )
         stmt = select(jobs).where(jobs.c.status == JobStatus.ERROR.value)
         if owner_id is not None:
             stmt = stmt.where(jobs.c.owner_id == owner_id)
-        if cursor is not None:
-            after_created, after_id = _decode_cursor(cursor)
-            stmt = stmt.where(
-                or_(
-                    jobs.c.created_at < after_created,
-                    and_(jobs.c.created_at == after_created, jobs.c.id < after_id),
-                )
-            )
-        stmt = stmt.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
-        async with self._sessions() as session:
-            rows = (await session.execute(stmt)).mappings().all()
-        records = [_record(row) for row in rows[:limit]]
-        return records, _encode_cursor(records[-1]) if len(rows) > limit else None
+        return await self._page(stmt, limit, cursor)
 
 
 # SQL helpers ---------------------------------------------------------------------------------
