@@ -126,7 +126,7 @@ async def run_load(
         tasks: list[asyncio.Task[None]] = []
         started = time.monotonic()
         count = 0
-        while (elapsed := time.monotonic() - started) < duration_s:
+        while time.monotonic() - started < duration_s:
             due = started + count / rate
             if due > time.monotonic():
                 await asyncio.sleep(due - time.monotonic())  # the arrival schedule

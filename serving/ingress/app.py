@@ -53,18 +53,21 @@ def create_app(settings: Settings) -> FastAPI:
             storage = make_storage(settings)
             if isinstance(storage, S3Storage):
                 await asyncio.to_thread(storage.ensure_bucket)
-            delivery = build_delivery_services(settings, make_session_factory(engine), storage, app.state.providers)
+            sessions = make_session_factory(engine)
+            keys = Keys(settings.key_prefix)
+            delivery = build_delivery_services(settings, sessions, storage, app.state.providers)
             app.state.services = Services(
                 settings=settings,
                 engine=engine,
-                jobs=JobRepository(make_session_factory(engine)),
+                sessions=sessions,
+                jobs=JobRepository(sessions),
                 queue=queue,
                 storage=storage,
                 redis=redis,
-                keys=Keys(settings.key_prefix),
+                keys=keys,
                 api_key_owners=owners,
                 delivery=delivery,
-                security=build_security(settings, make_session_factory(engine), redis, Keys(settings.key_prefix)),
+                security=build_security(settings, sessions, redis, keys),
             )
             log.info("ingress_started", base_url=settings.resolved_public_base_url)
             yield

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import redis.asyncio as aioredis
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
 from serving.db.jobs import JobRepository
@@ -42,6 +42,7 @@ __all__ = [
 class Services:
     settings: Settings
     engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]  # the one session factory of `engine`
     jobs: JobRepository
     queue: JobQueue
     storage: ObjectStorage

@@ -9,7 +9,6 @@ import uuid
 import structlog
 
 from serving.cost import admit_cost, check_provider
-from serving.db.engine import make_session_factory
 from serving.backpressure import admit, confirm_admission
 from serving.db.errors import DuplicateIdempotencyKey
 from serving.db.jobs import JobRecord
@@ -19,7 +18,7 @@ from serving.ingress.idempotency import IdempotencyGuard, request_fingerprint
 from serving.ingress.image_input import Submission
 from serving.ingress.validation import CheckedImage, check_image, resolve_params
 from serving.result_cache import ResultCache, cache_applies, input_hash
-from serving.types import JobParams, JobStatus, QueuedJob
+from serving.types import JobParams, JobStatus, Priority, QueuedJob
 from serving.webhooks.urlpolicy import default_webhook_url, validate_webhook_url
 
 log = structlog.get_logger(__name__)
@@ -80,7 +79,7 @@ async def _accept(
     if source is None:
         await admit(services.queue, options.priority, services.settings)  # bounded queue: 429/503
         # A new paid job must fit the owner's monthly budget (402); a cached result costs nothing.
-        await admit_cost(services.settings, make_session_factory(services.engine), owner_id, params, options.provider)
+        await admit_cost(services.settings, services.sessions, owner_id, params, options.provider)
     await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
     try:
         record = await services.jobs.create(
@@ -107,31 +106,18 @@ async def _accept(
         try:
             record = await cache.complete(record, source)
         except BaseException:
-            await services.jobs.delete(job_id)
-            await asyncio.to_thread(services.storage.delete, key)
+            await _undo(services, job_id, key)
             raise
         if services.delivery is not None:
             # Its one outcome, announced like any job's: a `completed` event and webhook.
             await services.delivery.notifier.job_changed(record)
         return record, True
-    try:
-        await services.queue.add(
-            QueuedJob(job_id=job_id, owner_id=owner_id),
-            priority=options.priority,
-            attempts=services.settings.job_attempts,
-            backoff_ms=services.settings.job_backoff_ms,
-        )
-    except Exception as exc:
-        log.error("enqueue_failed", job_id=job_id, error=repr(exc))
-        await services.jobs.delete(job_id)
-        await asyncio.to_thread(services.storage.delete, key)
-        raise CapacityError("The job queue is unavailable; try again shortly.", code="queue_unavailable") from exc
+    await _enqueue(services, job_id, owner_id, options.priority, input_key=key)
     try:
         await confirm_admission(services.queue, job_id, options.priority, services.settings)
     except RateLimited:
         if await services.queue.remove(job_id):  # else a worker has it already: keep the job
-            await services.jobs.delete(job_id)
-            await asyncio.to_thread(services.storage.delete, key)
+            await _undo(services, job_id, key)
             raise
     log.info("job_accepted", job_id=job_id, owner_id=owner_id, model=params.model, source=submission.source)
     if services.delivery is not None:
@@ -167,21 +153,34 @@ async def retry_job(services: Services, owner_id: str, job_id: str) -> JobRecord
         retry_of=original.id,
         requested_provider=original.requested_provider,
     )
-    try:
-        await services.queue.add(
-            QueuedJob(job_id=new_id, owner_id=owner_id),
-            priority=original.priority,
-            attempts=services.settings.job_attempts,
-            backoff_ms=services.settings.job_backoff_ms,
-        )
-    except Exception as exc:
-        log.error("enqueue_failed", job_id=new_id, error=repr(exc))
-        await services.jobs.delete(new_id)
-        raise CapacityError("The job queue is unavailable; try again shortly.", code="queue_unavailable") from exc
+    # The input object is the original's (shared), so only the new row is undone on failure.
+    await _enqueue(services, new_id, owner_id, original.priority, input_key=None)
     log.info("job_retried", job_id=new_id, retry_of=original.id, owner_id=owner_id)
     if services.delivery is not None:
         await services.delivery.notifier.job_changed(record, queue_position=await _position(services, new_id))
     return record
+
+
+async def _undo(services: Services, job_id: str, input_key: str | None) -> None:
+    """Remove what accepting a job wrote: its row and, when it is the job's own, its input object."""
+    await services.jobs.delete(job_id)
+    if input_key is not None:
+        await asyncio.to_thread(services.storage.delete, input_key)
+
+
+async def _enqueue(services: Services, job_id: str, owner_id: str, priority: Priority, *, input_key: str | None) -> None:
+    """Put the recorded job in the queue; if the queue is unreachable, undo it and answer 503."""
+    try:
+        await services.queue.add(
+            QueuedJob(job_id=job_id, owner_id=owner_id),
+            priority=priority,
+            attempts=services.settings.job_attempts,
+            backoff_ms=services.settings.job_backoff_ms,
+        )
+    except Exception as exc:
+        log.error("enqueue_failed", job_id=job_id, error=repr(exc))
+        await _undo(services, job_id, input_key)
+        raise CapacityError("The job queue is unavailable; try again shortly.", code="queue_unavailable") from exc
 
 
 async def _position(services: Services, job_id: str) -> int | None:

@@ -48,9 +48,10 @@ async def job_view(services: Services, record: JobRecord, *, live: bool = True) 
         if position is not None:
             stats = await services.queue.stats(services.settings.drain_rate_window_s)
             estimated_start_at = estimated_start(position, stats)
-    result_url = await _signed_url(services, record.result_url)
-    thumbnail_url = await _signed_url(services, record.thumbnail_url)
     outputs = await _output_urls(services, record)
+    # The video and the thumbnail are outputs too: reuse their URLs rather than signing twice.
+    result_url = outputs.get("mp4") or await _signed_url(services, record.result_url)
+    thumbnail_url = outputs.get("thumbnail") or await _signed_url(services, record.thumbnail_url)
     checksums = {kind: str(stored["sha256"]) for kind, stored in record.outputs.items() if stored.get("sha256")}
     error = ErrorInfo(code=record.error_code, message=record.error_message or "") if record.error_code else None
     return JobStatusResponse(

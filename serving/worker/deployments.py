@@ -10,6 +10,7 @@ import structlog
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving.autoscaling import generator_scaling_options
 from serving.cost import Prices
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
@@ -20,19 +21,17 @@ from serving.observability.job_metrics import JobMetrics
 from serving.observability.replicas import ReplicaReporter
 from serving.observability.tracing import setup_observability
 from serving.providers.setup import build_providers
-from serving.queue import QueueConsumer
 from serving.settings import Settings
 from serving.storage import make_storage
 from serving.types import GenerationRequest, GenerationResult, PostProcessRequest, PostProcessResult
 from serving.webhooks.services import build_worker_delivery
+from serving.worker.drain import DrainReport, dispatcher_drainer
 from serving.worker.generation import GenerationService
 from serving.worker.local_backend import LocalRayBackend
 from serving.worker.postprocessing import PostProcessingService
-from serving.autoscaling import generator_scaling_options
-from serving.worker.drain import DrainReport, dispatcher_drainer
 from serving.worker.preemption import watch_for_preemption
+from serving.worker.runner import JobRunner, queue_consumer
 from serving.worker.watchdog import generator_watchdog
-from serving.worker.runner import JobRunner
 
 log = structlog.get_logger(__name__)
 
@@ -102,48 +101,35 @@ class Dispatcher:
         # Events and webhooks: the runner tells the sink; the delivery loop sends webhooks from
         # here because this replica already holds the DB and Redis and runs for as long as jobs
         # do (several replicas share the due deliveries through leases).
-        self._delivery = build_worker_delivery(settings, make_session_factory(self._engine), make_storage(settings))
+        sessions = make_session_factory(self._engine)
+        jobs = JobRepository(sessions)
+        keys = Keys(settings.key_prefix)
+        prices = Prices.from_settings(settings)
+        self._delivery = build_worker_delivery(settings, sessions, make_storage(settings))
         # Issue #6: each job is routed (local pool or Runway) and its cost recorded.
         local = LocalRayBackend(
-            generator, postprocessor, app_name=settings.serve_app_name, prices=Prices.from_settings(settings),
+            generator, postprocessor, app_name=settings.serve_app_name, prices=prices,
             job_seconds_estimate=settings.local_job_seconds_estimate,
         )
-        self._providers = build_providers(
-            settings, local, JobRepository(make_session_factory(self._engine)), self._redis, Keys(settings.key_prefix)
-        )
+        self._providers = build_providers(settings, local, jobs, self._redis, keys)
         runner = JobRunner(
-            JobRepository(make_session_factory(self._engine)),
+            jobs,
             local,
             self._redis,
-            Keys(settings.key_prefix),
+            keys,
             self._delivery.sink,
-            JobMetrics(self._redis, Keys(settings.key_prefix), settings.gpu_hour_price_usd),
+            JobMetrics(self._redis, keys, settings.gpu_hour_price_usd),
             router=self._providers.router,
-            prices=Prices.from_settings(settings),
+            prices=prices,
         )
-        self._consumer = QueueConsumer(
-            settings.redis_url,
-            settings.queue_name,
-            runner.handle,
-            concurrency=settings.dispatcher_concurrency,
-            lock_duration_ms=settings.lock_duration_ms,
-            stalled_interval_ms=settings.lock_duration_ms,
-            # A job whose runs keep killing their worker gets as many runs as any job's attempts.
-            max_stalled_count=max(settings.job_attempts - 1, 0),
-            on_abandoned=runner.abandon,
-        )
+        self._consumer = queue_consumer(settings, runner)
         # Issue #5: SIGTERM (via __del__ or drain()) and spot notices hand unfinished jobs back.
-        self._drainer = dispatcher_drainer(
-            self._consumer, JobRepository(make_session_factory(self._engine)), self._redis,
-            Keys(settings.key_prefix), settings.drain_grace_s,
-        )
+        self._drainer = dispatcher_drainer(self._consumer, jobs, self._redis, keys, settings.drain_grace_s)
         self._watcher = watch_for_preemption(settings, self._drainer.drain)
         await self._consumer.start()
         await self._delivery.start()
         # Replicas wanted vs running, for the ingress's /metrics (which cannot reach Ray).
-        self._replicas = ReplicaReporter(
-            self._redis, Keys(settings.key_prefix), settings.serve_app_name, settings.metrics_replicas_interval_s
-        )
+        self._replicas = ReplicaReporter(self._redis, keys, settings.serve_app_name, settings.metrics_replicas_interval_s)
         self._replicas.start()
         log.info("dispatcher_started", queue=settings.queue_name)
 

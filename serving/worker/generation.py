@@ -6,7 +6,6 @@ import io
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import redis
 import structlog
 from PIL import Image

@@ -25,7 +25,8 @@ from serving.keys import Keys
 from serving.observability.job_metrics import JobMetrics
 from serving.observability.tracing import job_span
 from serving.providers.router import LOCAL, RUNWAY, ProviderRouter, RoutingDecision, RoutingReason
-from serving.queue import ConsumedJobInfo
+from serving.queue import ConsumedJobInfo, QueueConsumer
+from serving.settings import Settings
 from serving.uris import key_from_uri
 from serving.types import JobParams, JobStatus, QueuedJob, RenderJob, RenderOutcome, Stage
 
@@ -288,3 +289,20 @@ class JobRunner:
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def queue_consumer(settings: Settings, runner: JobRunner) -> QueueConsumer:
+    """The queue consumer that feeds `runner`, configured the same wherever a dispatcher runs."""
+    if not settings.redis_url:
+        raise RuntimeError("REDIS_URL is not set: the dispatcher needs the queue's Redis.")
+    return QueueConsumer(
+        settings.redis_url,
+        settings.queue_name,
+        runner.handle,
+        concurrency=settings.dispatcher_concurrency,
+        lock_duration_ms=settings.lock_duration_ms,
+        stalled_interval_ms=settings.lock_duration_ms,
+        # A job whose runs keep killing their worker gets as many runs as any job's attempts.
+        max_stalled_count=max(settings.job_attempts - 1, 0),
+        on_abandoned=runner.abandon,
+    )

@@ -23,13 +23,12 @@ from serving.backend import StageCallback
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
 from serving.keys import Keys
-from serving.queue import QueueConsumer
 from serving.settings import load_settings
 from serving.storage import make_storage
 from serving.types import RenderJob, RenderOutcome, Stage
 from serving.webhooks.services import build_worker_delivery
 from serving.worker.drain import dispatcher_drainer
-from serving.worker.runner import JobRunner
+from serving.worker.runner import JobRunner, queue_consumer
 
 CRASH_EXIT_CODE = 17
 
@@ -74,19 +73,11 @@ async def main(step_s: float, steps: int, run_log: Path) -> None:
     engine = make_engine(settings.resolved_database_url)
     redis = aioredis.Redis.from_url(settings.redis_url)
     keys = Keys(settings.key_prefix)
-    jobs = JobRepository(make_session_factory(engine))
-    delivery = build_worker_delivery(settings, make_session_factory(engine), make_storage(settings))
+    sessions = make_session_factory(engine)
+    jobs = JobRepository(sessions)
+    delivery = build_worker_delivery(settings, sessions, make_storage(settings))
     runner = JobRunner(jobs, SteppedBackend(jobs, redis, keys, step_s, steps, run_log), redis, keys, delivery.sink)
-    consumer = QueueConsumer(
-        settings.redis_url,
-        settings.queue_name,
-        runner.handle,
-        concurrency=settings.dispatcher_concurrency,
-        lock_duration_ms=settings.lock_duration_ms,
-        stalled_interval_ms=settings.lock_duration_ms,
-        max_stalled_count=max(settings.job_attempts - 1, 0),
-        on_abandoned=runner.abandon,
-    )
+    consumer = queue_consumer(settings, runner)  # exactly the Dispatcher's configuration
     drainer = dispatcher_drainer(consumer, jobs, redis, keys, settings.drain_grace_s)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
