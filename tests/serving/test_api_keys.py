@@ -36,16 +36,6 @@ def png_bytes(size: tuple[int, int] = (96, 64)) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_database_url")
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
-    upgrade(url)
-    return url
-
-
 @dataclass
 class App:
     """A running ingress (lifespan entered) and a way to call it over ASGI."""

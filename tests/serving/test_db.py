@@ -46,15 +46,9 @@ def migrated_sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def migrated_pg_url(pg_database_url: str) -> str:
-    upgrade(pg_database_url)
-    return pg_database_url
-
-
 @pytest.fixture(params=BACKENDS)
 def migrated_url(request: pytest.FixtureRequest) -> str:
-    name = "migrated_pg_url" if request.param == "postgresql" else "migrated_sqlite_url"
+    name = "migrated_pg" if request.param == "postgresql" else "migrated_sqlite_url"
     return str(request.getfixturevalue(name))
 
 

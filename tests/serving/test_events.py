@@ -21,7 +21,6 @@ from websockets.exceptions import ConnectionClosed
 
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
-from serving.db.migrate import upgrade
 from serving.events import EventStore, EventType, SinkGroup, StreamEventSink
 from serving.ingress.app import create_app
 from serving.keys import Keys
@@ -42,12 +41,6 @@ from tests.serving.events_helpers import (
 
 FIRST_ATTEMPT = ConsumedJobInfo(attempt=1, max_attempts=3)
 STREAM_TIMEOUT_S = 20
-
-
-@pytest.fixture(scope="session")
-def migrated_pg(pg_database_url: str) -> str:
-    upgrade(pg_database_url)
-    return pg_database_url
 
 
 @dataclass

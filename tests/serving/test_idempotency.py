@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.db.migrate import upgrade
 from serving.security.scopes import Scope
 from serving.types import JobStatus
 from tests.serving.test_api_keys import App, app_settings, png_bytes, running_app
@@ -18,16 +17,6 @@ from tests.serving.test_api_keys import App, app_settings, png_bytes, running_ap
 pytestmark = pytest.mark.asyncio
 
 SUBMIT = "/api/v1/animate-image"
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_database_url")
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
-    upgrade(url)
-    return url
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from serving.db.migrate import upgrade
 from serving.ingress.app import create_app
 from serving.ingress.deps import Services
 from serving.settings import Settings
@@ -50,16 +49,6 @@ class Ingress:
     async def rows(self, owner: str) -> int:
         records, _ = await self.services.jobs.list_for_owner(owner, limit=100)
         return len(records)
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_database_url")
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
-    upgrade(url)
-    return url
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from serving.types import JobStatus, QueuedJob
 from serving.webhooks.store import DeliveryStatus
 from serving.worker.runner import JobRunner
 from tests.serving.events_helpers import SteppedBackend, new_job
-from tests.serving.test_ingress import Ingress, database_url, ingress, submit_png  # noqa: F401  (fixtures)
+from tests.serving.test_ingress import Ingress, ingress, submit_png  # noqa: F401  (fixture)
 from tests.serving.test_webhooks import BOTH_SECRETS, FIRST_ATTEMPT, Env, env  # noqa: F401
 from tests.serving.webhook_helpers import Receiver, running_receiver
 

@@ -37,7 +37,7 @@ from serving.worker.postprocessing import (
 )
 from serving.worker.runner import JobRunner
 from tests.media_checks import animated_image_info, decode_rgb_frames, ffprobe_codec, ffprobe_video
-from tests.serving.test_ingress import Ingress, database_url, png_bytes  # noqa: F401  (fixture)
+from tests.serving.test_ingress import Ingress, png_bytes
 from tests.serving.test_storage import BASE_URL, SECRET, s3_storage, storage  # noqa: F401  (fixtures)
 
 ALL_OUTPUTS = ("mp4", "webm", "gif", "webp", "thumbnail", "frames")

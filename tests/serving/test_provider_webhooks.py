@@ -20,19 +20,12 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from serving.db.migrate import upgrade
 from serving.ingress.app import create_app
 from serving.webhooks.inbound import CallbackTokens, InboundEvent
 from tests.serving.events_helpers import NEW_SECRET, OLD_SECRET, make_settings, serve
 
 FORGER_SECRET = "whsec_bm90LXRoZS1wcm92aWRlcnMtc2VjcmV0LWF0LWFsbA=="
 PATH = "/api/v1/provider/webhook"
-
-
-@pytest.fixture(scope="session")
-def migrated_pg(pg_database_url: str) -> str:
-    upgrade(pg_database_url)
-    return pg_database_url
 
 
 @dataclass

@@ -28,7 +28,7 @@ from serving.uris import key_from_uri
 from serving.worker.generation import GenerationService
 from serving.worker.postprocessing import PostProcessingService
 from serving.worker.runner import JobRunner
-from tests.serving.test_ingress import Ingress, database_url, png_bytes  # noqa: F401  (fixture)
+from tests.serving.test_ingress import Ingress, png_bytes
 from tests.serving.test_outputs import FramesBackend, ingress_settings, run_queued_job, running_ingress, submit
 
 WAIT_S = 60.0

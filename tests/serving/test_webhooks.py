@@ -24,7 +24,6 @@ from PIL import Image
 
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
-from serving.db.migrate import upgrade
 from serving.events import SinkGroup
 from serving.ingress.app import create_app
 from serving.keys import Keys
@@ -55,12 +54,6 @@ from tests.serving.webhook_helpers import Receiver, running_receiver
 
 FIRST_ATTEMPT = ConsumedJobInfo(attempt=1, max_attempts=3)
 BOTH_SECRETS = {"old": OLD_SECRET, "new": NEW_SECRET}
-
-
-@pytest.fixture(scope="session")
-def migrated_pg(pg_database_url: str) -> str:
-    upgrade(pg_database_url)
-    return pg_database_url
 
 
 @dataclass
