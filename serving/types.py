@@ -8,6 +8,7 @@ Nothing else crosses those seams: the ingress writes a `JobParams` into the jobs
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,9 @@ class GenerationRequest:
     job_id: str
     image_key: str  # object-store key of the input image
     params: JobParams
+    # This run of the job: a dispatcher that gives the run up (drain hand-back) stops it by this
+    # id, never a later run of the same job on the same replica.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass

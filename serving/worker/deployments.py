@@ -64,7 +64,14 @@ class Generator:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         with self._watchdog.watch(request.job_id):
-            outcome = await self._generate_batch(request)
+            try:
+                outcome = await self._generate_batch(request)
+            except asyncio.CancelledError:
+                # The dispatcher cancelled the call (it handed the job back on a drain): the
+                # shared loop drops this run at its next step instead of finishing it for nobody.
+                self._service.abandon(request.run_id)
+                log.info("generation_abandoned", job_id=request.job_id, run_id=request.run_id)
+                raise
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome

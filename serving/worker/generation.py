@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ log = structlog.get_logger(__name__)
 
 # Denoising is most of a job; the rest of the bar belongs to encoding and upload.
 DENOISE_SHARE = 0.9
+# How long the id of an abandoned run is kept when the run never started (so never removed it).
+ABANDONED_TTL_S = 3600.0
 
 PipelineLoader = Callable[[str, LoadOptions], VideoPipeline]
 
@@ -67,6 +70,8 @@ class GenerationService:
         self._events = SyncEventPublisher(
             self._redis, self._keys, ttl_s=settings.events_ttl_s, max_len=settings.events_max_len
         )
+        # Runs their dispatcher gave up (run id -> when): they stop at their next step.
+        self._abandoned: dict[str, float] = {}
 
     def warm_up(self, model: str) -> None:
         """Load weights (and compile, when the preset compiles) before the replica reports ready."""
@@ -110,6 +115,18 @@ class GenerationService:
 
     def _canceled(self, job_id: str) -> bool:
         return bool(self._redis.exists(self._keys.cancel(job_id)))
+
+    def abandon(self, run_id: str) -> None:
+        """Stop a run at its next denoising step and free what it holds: its dispatcher handed
+        the job back to the queue (drain), so its result would reach nobody. Safe to call from
+        the replica's event loop while the loop runs in a thread. A run that had not started
+        never starts (Ray Serve drops a cancelled request from its batch); its entry ages out."""
+        now = time.monotonic()
+        self._abandoned = {r: t for r, t in self._abandoned.items() if now - t < ABANDONED_TTL_S}
+        self._abandoned[run_id] = now
+
+    def _stopped(self, request: GenerationRequest) -> bool:
+        return request.run_id in self._abandoned or self._canceled(request.job_id)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request on its own (a batch of one)."""
@@ -196,7 +213,7 @@ class GenerationService:
             BatchItem(
                 params=p,
                 on_progress=progress_for(r.job_id, timed=index == 0),
-                should_cancel=lambda job_id=r.job_id: self._canceled(job_id),
+                should_cancel=functools.partial(self._stopped, r),
             )
             for index, (r, p) in enumerate(zip(requests, params, strict=True))
         ]
@@ -210,6 +227,8 @@ class GenerationService:
             return [exc for _ in requests]
         finally:
             self._record_metrics(model, pipeline.device, step_times, batch_size=len(requests))
+            for request in requests:
+                self._abandoned.pop(request.run_id, None)
         seconds = time.perf_counter() - started
         total_cost = sum(batch_cost(p) for p in params) or 1
         log.info("generation_done", model=model, batch_size=len(requests), steps=len(step_times),

@@ -67,9 +67,14 @@ class LocalRayBackend:
 
     async def render(self, job: RenderJob, on_stage: StageCallback) -> RenderOutcome:
         await on_stage(Stage.DENOISING, 0.0)
-        generated: GenerationResult = await _call(
-            self._generator.generate.remote(GenerationRequest(job.job_id, job.image_key, job.params))
-        )
+        response = self._generator.generate.remote(GenerationRequest(job.job_id, job.image_key, job.params))
+        try:
+            generated: GenerationResult = await _call(response)
+        except asyncio.CancelledError:
+            # Our handler was stopped (a drain handed the job back): tell the replica too, or it
+            # would keep the GPU busy with a run whose result nobody waits for.
+            response.cancel()
+            raise
         await on_stage(Stage.ENCODING, 0.92)
         processed: PostProcessResult = await _call(
             self._postprocessor.process.remote(self._post_request(job), generated.frames)

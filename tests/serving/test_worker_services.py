@@ -60,6 +60,20 @@ def test_cancel_flag_stops_generation(settings: Settings, image_key: str) -> Non
         GenerationService(settings).generate(GenerationRequest("j2", image_key, PARAMS))
 
 
+def test_abandoned_run_stops_without_touching_batch_mates_or_later_runs(settings: Settings, image_key: str) -> None:
+    """A drain hands a job back: its run stops at the next step; the job's next run (same job
+    id, new run id) and the runs batched with it are not affected."""
+    service = GenerationService(settings)
+    given_up, kept = GenerationRequest("ja", image_key, PARAMS), GenerationRequest("jb", image_key, PARAMS)
+    assert given_up.run_id != kept.run_id
+    service.abandon(given_up.run_id)
+    stopped, finished = service.generate_many([given_up, kept])
+    assert isinstance(stopped, JobCanceled)
+    assert not isinstance(finished, BaseException) and finished.frames.shape == (5, 64, 128, 3)
+    again = service.generate(GenerationRequest("ja", image_key, PARAMS))
+    assert again.frames.shape == (5, 64, 128, 3)
+
+
 def test_postprocess_stores_video_and_thumbnail_then_discards(settings: Settings) -> None:
     frames = np.random.default_rng(0).integers(0, 255, size=(4, 64, 96, 3), dtype=np.uint8)
     service = PostProcessingService(settings)
