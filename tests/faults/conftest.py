@@ -4,6 +4,7 @@ PostgreSQL, killed and stopped by the tests, plus a loopback webhook receiver.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ PARAMS = resolve_params(AnimateOptions(), "tiny-random").to_json()
 API_KEY = "faults-key"
 SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD3CUf1w/Iw6s="
 READY_TIMEOUT_S = 30.0
+RAY_READY_TIMEOUT_S = 240.0  # Ray start-up plus the Serve app on two busy cores
 
 
 class WebhookReceiver:
@@ -70,6 +72,7 @@ class WebhookReceiver:
 @dataclass
 class WorkerProc:
     proc: subprocess.Popen[str]
+    own_group: bool = False  # leads a process group of its own (a Ray node)
     lines: list[str] = field(default_factory=list)
     pump: threading.Thread | None = None
 
@@ -177,6 +180,23 @@ class FaultStack:
         worker.wait_for_line("fault worker ready", READY_TIMEOUT_S)
         return worker
 
+    def start_ray_worker(self, data_dir: Path, **settings: Any) -> WorkerProc:
+        """`svd-serve worker` as its own process: a private local Ray cluster with the real Serve
+        app (Dispatcher, Generator with the tiny model, PostProcessor)."""
+        env = self.env(data_dir=data_dir, ray_num_cpus=2, **settings)
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env.pop("RAY_ADDRESS", None)  # never join a cluster that another test started
+        # Its own process group, so that a test (and the teardown) can take down the whole node.
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "worker"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        worker = WorkerProc(proc, own_group=True)
+        worker.pump = threading.Thread(target=worker._pump, daemon=True)
+        worker.pump.start()
+        self.workers.append(worker)
+        worker.wait_for_line("svd-serve worker ready", RAY_READY_TIMEOUT_S)
+        return worker
+
     async def submit(self, priority: Priority = Priority.NORMAL, attempts: int = 3, **metadata: Any) -> str:
         """What the ingress does on a 202: the row, then the queue entry."""
         job_id = str(uuid.uuid4())
@@ -245,7 +265,10 @@ async def stack(faults_database_url: str, redis_url: str, unique_prefix: str, tm
                 ingress.proc.kill()
             ingress.proc.wait(timeout=10)
         for worker in fault_stack.workers:
-            if worker.proc.poll() is None:
+            if worker.own_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.proc.pid, signal.SIGKILL)  # Ray's processes too
+            elif worker.proc.poll() is None:
                 worker.proc.kill()
             worker.proc.wait(timeout=10)
             worker.close()
