@@ -10,6 +10,8 @@ Redis marker (`Keys.idempotency_lock`) covers the window before that row exists.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -17,15 +19,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 
 from serving.db.jobs import JobRecord, JobRepository
 from serving.errors import Conflict, InvalidInput
 from serving.ingress.schemas import AnimateOptions
 from serving.keys import Keys
 
-# Longer than any acceptance takes (an image fetch is bounded by url_fetch_timeout_s); the marker
-# only protects a request in flight and is deleted when it ends.
-IN_FLIGHT_TTL_S = 120
+log = structlog.get_logger(__name__)
+
+# The in-flight marker's lease: renewed every third of it while the request is accepted, deleted
+# when it ends. An ingress that dies holding it blocks the key (409) for at most this long.
+IN_FLIGHT_TTL_S = 10.0
 
 
 def request_fingerprint(image_bytes: bytes, options: AnimateOptions) -> str:
@@ -39,11 +46,13 @@ def request_fingerprint(image_bytes: bytes, options: AnimateOptions) -> str:
 class IdempotencyGuard:
     """Looks up and reserves an owner's Idempotency-Key around one submission."""
 
-    def __init__(self, jobs: JobRepository, redis: aioredis.Redis, keys: Keys, ttl_s: int) -> None:
+    def __init__(self, jobs: JobRepository, redis: aioredis.Redis, keys: Keys, ttl_s: int,
+                 in_flight_ttl_s: float = IN_FLIGHT_TTL_S) -> None:
         self._jobs = jobs
         self._redis = redis
         self._keys = keys
         self._ttl = dt.timedelta(seconds=ttl_s)
+        self._in_flight_ttl_s = in_flight_ttl_s
 
     async def existing(self, owner_id: str, key: str, fingerprint: str) -> JobRecord | None:
         """The job an earlier request with `key` made, if it is still within its retention;
@@ -69,14 +78,31 @@ class IdempotencyGuard:
 
     @asynccontextmanager
     async def in_flight(self, owner_id: str, key: str) -> AsyncIterator[None]:
-        """Hold the key while this request is accepted; 409 when another request holds it."""
-        marker = self._keys.idempotency_lock(owner_id, key)
-        if not await self._redis.set(marker, "1", nx=True, ex=IN_FLIGHT_TTL_S):
+        """Hold the key while this request is accepted; 409 when another request holds it.
+
+        redis-py's Lock gives the marker a token of its own, so that a holder whose lease lapsed
+        can neither renew nor delete a marker another request took since."""
+        lock = self._redis.lock(self._keys.idempotency_lock(owner_id, key), timeout=self._in_flight_ttl_s,
+                                blocking=False)
+        if not await lock.acquire():
             raise Conflict(
                 f"A request with Idempotency-Key {key!r} is still being processed; retry shortly.",
                 code="idempotency_key_in_flight",
             )
+        renewal = asyncio.create_task(self._renew(lock), name="idempotency-renewal")
         try:
             yield
         finally:
-            await self._redis.delete(marker)
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            with contextlib.suppress(LockError):  # lapsed: the jobs row's unique key still guards
+                await lock.release()
+
+    async def _renew(self, lock: Lock) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self._in_flight_ttl_s / 3)
+                await lock.reacquire()
+        except LockError as exc:
+            log.warning("idempotency_marker_lost", error=repr(exc))

@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serving.errors import Conflict
+from serving.ingress.idempotency import IdempotencyGuard
 from serving.security.scopes import Scope
 from serving.types import JobStatus
 from tests.serving.test_api_keys import App, app_settings, png_bytes, running_app
@@ -80,6 +82,30 @@ async def test_in_flight_marker_answers_409(app: App, unique_prefix: str) -> Non
         assert held.status_code == 409 and held.json()["code"] == "idempotency_key_in_flight"
         assert await app.queued() == 0 and app.stored_objects() == []
         assert (await post(client, "held")).status_code == 202
+
+
+async def test_in_flight_marker_is_renewed_while_held_and_lapses_after_a_crash(app: App, unique_prefix: str) -> None:
+    """The marker is a short lease renewed while the request is accepted: a slow acceptance keeps
+    its key, and an ingress that dies holding one blocks the key only until the lease lapses."""
+    owner = f"inr-{unique_prefix}"
+    redis, keys = app.services.redis, app.services.keys
+    guard = IdempotencyGuard(app.services.jobs, redis, keys, 3600, in_flight_ttl_s=0.3)
+    async with guard.in_flight(owner, "slow"):
+        await asyncio.sleep(1.0)  # more than three leases
+        with pytest.raises(Conflict):
+            async with guard.in_flight(owner, "slow"):
+                pass
+    assert not await redis.exists(keys.idempotency_lock(owner, "slow"))  # released at the end
+
+    # An ingress killed mid-acceptance: its marker stays, no renewal, no release.
+    crashed = redis.lock(keys.idempotency_lock(owner, "crash"), timeout=0.3)
+    assert await crashed.acquire(blocking=False)
+    with pytest.raises(Conflict):
+        async with guard.in_flight(owner, "crash"):
+            pass
+    await asyncio.sleep(0.5)
+    async with guard.in_flight(owner, "crash"):
+        assert await redis.exists(keys.idempotency_lock(owner, "crash"))
 
 
 async def test_key_expires_after_retention(database_url: str, redis_url: str, unique_prefix: str,
