@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -25,6 +26,9 @@ from serving.webhooks.signing import WebhookSigner
 from serving.webhooks.store import AttemptOutcome, DeliveryRecord, DeliveryStatus, WebhookStore
 
 log = structlog.get_logger(__name__)
+
+# The body one attempt of a delivery sends (same message, maybe with its links signed again).
+BodyForAttempt = Callable[[DeliveryRecord], Awaitable[str]]
 
 # A claimed delivery is held this much longer than one attempt may take before another loop
 # may take it over (its holder must have died).
@@ -68,6 +72,7 @@ class DeliveryWorker:
         poll_interval_s: float = 0.5,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         metrics: WebhookMetrics | None = None,
+        body_for: BodyForAttempt | None = None,
     ) -> None:
         self._store = store
         self._due = due
@@ -79,6 +84,8 @@ class DeliveryWorker:
         self._poll_interval_s = poll_interval_s
         self._sweep_interval_s = sweep_interval_s
         self._metrics = metrics
+        # What an attempt sends (None: the recorded payload): lets late retries carry fresh links.
+        self._body_for = body_for
         self._lease_s = timeout_s + LEASE_MARGIN_S
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -196,7 +203,8 @@ class DeliveryWorker:
 
     async def send(self, delivery: DeliveryRecord) -> AttemptResult:
         """POST the signed payload once; never raises for what the receiver or network does."""
-        headers = {"content-type": "application/json", **self._signer.headers(delivery.id, delivery.payload)}
+        body = await self._body(delivery)
+        headers = {"content-type": "application/json", **self._signer.headers(delivery.id, body)}
         started = time.perf_counter()
         status_code: int | None = None
         error: str | None = None
@@ -207,7 +215,7 @@ class DeliveryWorker:
             async with asyncio.timeout(self._timeout_s):
                 # The body is never read: only the status code and Retry-After matter.
                 async with self._client.stream(
-                    "POST", delivery.url, content=delivery.payload.encode(), headers=headers
+                    "POST", delivery.url, content=body.encode(), headers=headers
                 ) as response:
                     status_code = response.status_code
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -223,3 +231,12 @@ class DeliveryWorker:
             if 300 <= status_code < 400:
                 error += " (redirects are not followed)"
         return AttemptResult(status_code, latency_ms, error, retry_after)
+
+    async def _body(self, delivery: DeliveryRecord) -> str:
+        if self._body_for is None:
+            return delivery.payload
+        try:
+            return await self._body_for(delivery)
+        except Exception as exc:  # the recorded body is still a correct message
+            log.warning("webhook_body_refresh_failed", delivery_id=delivery.id, error=repr(exc))
+            return delivery.payload

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import structlog
 
-from serving.db.jobs import JobRecord
+from serving.db.jobs import JobRecord, JobRepository
 from serving.storage import ObjectStorage
 from serving.types import JobStatus
 from serving.uris import key_from_uri
@@ -48,12 +48,22 @@ class WebhookOutbox:
     """Turns terminal job states into pending deliveries (one per job and event type)."""
 
     def __init__(
-        self, store: WebhookStore, due: DueDeliveries, *, public_base_url: str, sign_url: UrlSigner | None
+        self,
+        store: WebhookStore,
+        due: DueDeliveries,
+        *,
+        public_base_url: str,
+        sign_url: UrlSigner | None,
+        jobs: JobRepository | None = None,
+        url_ttl_s: float | None = None,
     ) -> None:
         self._store = store
         self._due = due
         self._base = public_base_url.rstrip("/")
         self._sign_url = sign_url
+        # To sign a completed job's links again for a late retry (None: never re-signed).
+        self._jobs = jobs
+        self._url_ttl_s = url_ttl_s
 
     async def job_changed(self, record: JobRecord, *, queue_position: int | None = None) -> None:
         if not record.status.terminal or not record.webhook_url:
@@ -82,13 +92,36 @@ class WebhookOutbox:
             log.info("webhook_enqueued", job_id=record.id, delivery_id=delivery.id, event_type=event_type)
         return delivery
 
-    async def payload(self, record: JobRecord, event_type: str) -> dict[str, Any]:
+    async def body_for_attempt(self, delivery: DeliveryRecord) -> str:
+        """What an attempt of `delivery` sends: the recorded body, byte for byte, while its
+        download links have more than half their lifetime left; after that (a retry 30 minutes
+        or hours later) the same message with the links signed again, so that no attempt hands
+        the receiver links that have expired. The webhook-id never changes."""
+        if (
+            delivery.event_type != EVENT_TYPES[JobStatus.COMPLETED]
+            or self._jobs is None
+            or self._url_ttl_s is None
+            or dt.datetime.now(dt.timezone.utc) - delivery.created_at < dt.timedelta(seconds=self._url_ttl_s / 2)
+        ):
+            return delivery.payload
+        record = await self._jobs.get(delivery.job_id)
+        if record is None:
+            return delivery.payload
+        body = json.loads(delivery.payload)
+        body["data"].update(await self._download_urls(record))
+        return json.dumps(body, separators=(",", ":"))
+
+    async def _download_urls(self, record: JobRecord) -> dict[str, str | None]:
         urls: dict[str, str | None] = {"resultUrl": None, "thumbnailUrl": None}
         if self._sign_url is not None and record.status is JobStatus.COMPLETED:
             if record.result_url:
                 urls["resultUrl"] = await self._sign_url(record.result_url)
             if record.thumbnail_url:
                 urls["thumbnailUrl"] = await self._sign_url(record.thumbnail_url)
+        return urls
+
+    async def payload(self, record: JobRecord, event_type: str) -> dict[str, Any]:
+        urls = await self._download_urls(record)
         error = {"code": record.error_code, "message": record.error_message or ""} if record.error_code else None
         if record.status is not JobStatus.ERROR:
             error = None  # a retried attempt's error does not belong to a completed job

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from serving.db.jobs import JobRepository
 from serving.events import EventStore, JobEventSink, SinkGroup, StreamEventSink
 from serving.keys import Keys
 from serving.settings import Settings
@@ -56,6 +57,8 @@ def _outbox(settings: Settings, client: aioredis.Redis, keys: Keys, sessions: as
         due,
         public_base_url=settings.resolved_public_base_url,
         sign_url=storage_url_signer(storage, settings.presign_ttl_s),
+        jobs=JobRepository(sessions),
+        url_ttl_s=settings.presign_ttl_s,
     )
     return store, due, outbox
 
@@ -140,6 +143,7 @@ def build_worker_delivery(
             concurrency=settings.webhook_concurrency,
             poll_interval_s=settings.webhook_poll_interval_s,
             metrics=WebhookMetrics(client, keys),
+            body_for=outbox.body_for_attempt,
         )
     else:
         log.warning("webhooks_disabled", reason="SVD_SERVE_WEBHOOK_SECRETS is empty; no webhook is sent")

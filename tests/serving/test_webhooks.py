@@ -6,6 +6,7 @@ cannot delay a job, and one outcome webhook per job."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -166,6 +167,39 @@ async def test_signed_retried_with_one_id_and_verified_across_a_rotation(env: En
     assert [a["error"] for a in log] == ["HTTP 500", "HTTP 500", "HTTP 500", None]
     assert all(a["latencyMs"] > 0 for a in log)
     assert foreign.status_code == 404
+
+
+async def test_a_late_retry_carries_links_signed_again(env: Env) -> None:
+    """Download links in a payload live `presign_ttl_s`; a retry after half of that sends the same
+    message (same webhook-id, same fields) with the links signed again, signed and verifiable."""
+    ttl_s = 600
+    outbox = WebhookOutbox(env.store, env.due, public_base_url=env.settings.resolved_public_base_url,
+                           sign_url=storage_url_signer(make_storage(env.settings), ttl_s), jobs=env.jobs,
+                           url_ttl_s=ttl_s)
+    with running_receiver(Receiver(BOTH_SECRETS)) as receiver:
+        job_id = await env.finished_job(receiver.url)
+        recorded = await env.delivery_of(job_id)
+        # An early retry resends the recorded bytes exactly.
+        assert await outbox.body_for_attempt(recorded) == recorded.payload
+        # The same delivery 20 minutes on, its recorded links long past half their life (made
+        # unmistakable here: a link that no longer works).
+        stale_body = json.loads(recorded.payload)
+        stale_body["data"]["resultUrl"] = "http://expired.invalid/video.mp4"
+        late = dataclasses.replace(recorded, payload=json.dumps(stale_body),
+                                   created_at=recorded.created_at - dt.timedelta(minutes=20))
+        await env.worker(body_for=outbox.body_for_attempt).send(late)
+
+    (received,) = receiver.received
+    assert received.headers["webhook-id"] == recorded.id and received.verified_by == ["old", "new"]
+    sent = json.loads(received.body)
+    link = httpx.URL(sent["data"]["resultUrl"])
+    assert str(link).startswith(env.settings.resolved_public_base_url + "/files/")
+    assert int(link.params["expires"]) >= time.time() + ttl_s - 5  # valid for a full lifetime again
+    fresh = {k: v for k, v in sent["data"].items() if k not in ("resultUrl", "thumbnailUrl")}
+    assert fresh == {k: v for k, v in stale_body["data"].items() if k not in ("resultUrl", "thumbnailUrl")}
+    assert sent["type"] == stale_body["type"] and sent["timestamp"] == stale_body["timestamp"]
+    # What the API shows as the delivery's payload is still the recorded one.
+    assert (await env.delivery_of(job_id)).payload == recorded.payload
 
 
 async def test_gone_disables_the_endpoint_until_a_replay(env: Env) -> None:
