@@ -73,6 +73,7 @@ class DeliveryWorker:
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         metrics: WebhookMetrics | None = None,
         body_for: BodyForAttempt | None = None,
+        recover: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self._store = store
         self._due = due
@@ -86,6 +87,8 @@ class DeliveryWorker:
         self._metrics = metrics
         # What an attempt sends (None: the recorded payload): lets late retries carry fresh links.
         self._body_for = body_for
+        # Run by each sweep: records deliveries that a crash kept from being recorded at all.
+        self._recover = recover
         self._lease_s = timeout_s + LEASE_MARGIN_S
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -133,7 +136,10 @@ class DeliveryWorker:
 
     async def sweep(self) -> int:
         """Re-schedule pending deliveries that the schedule lacks (Redis lost them, or a crash
-        came between the DB write and the schedule). Returns how many were looked at."""
+        came between the DB write and the schedule), after recording those of jobs that ended
+        without one. Returns how many were looked at."""
+        if self._recover is not None:
+            await self._recover()
         pending = await self._store.due_pending()
         for delivery_id, due_at in pending:
             await self._due.schedule(delivery_id, due_at.timestamp(), only_new=True)

@@ -34,6 +34,11 @@ EVENT_TYPES: Final = {
 
 UrlSigner = Callable[[str], Awaitable[str]]  # storage URI -> a download URL
 
+# How far back the sweep looks for jobs that ended without their webhook recorded, and how long
+# it leaves a job that just ended to the process that ended it.
+RECOVERY_WINDOW = dt.timedelta(hours=24)
+RECOVERY_SETTLE = dt.timedelta(seconds=30)
+
 
 def storage_url_signer(storage: ObjectStorage, ttl_s: int) -> UrlSigner:
     """Download URLs for the payload, valid `ttl_s` (receivers re-read `statusUrl` for fresh ones)."""
@@ -91,6 +96,23 @@ class WebhookOutbox:
             await self._due.schedule(delivery.id, time.time())
             log.info("webhook_enqueued", job_id=record.id, delivery_id=delivery.id, event_type=event_type)
         return delivery
+
+    async def recover_unannounced(self, settle: dt.timedelta = RECOVERY_SETTLE) -> int:
+        """Record the outcome webhook of jobs that ended without one in the last
+        `RECOVERY_WINDOW` (their process died between the status change and this outbox).
+        Jobs that ended less than `settle` ago are left to the process that ended them. Returns how many
+        were recovered; run by the delivery loop's sweep."""
+        if self._jobs is None:
+            return 0
+        now = dt.datetime.now(dt.timezone.utc)
+        job_ids = await self._store.unannounced_jobs(ended_after=now - RECOVERY_WINDOW,
+                                                     ended_before=now - settle)
+        for job_id in job_ids:
+            record = await self._jobs.get(job_id)
+            if record is not None and record.status.terminal and record.webhook_url:
+                await self.enqueue(record)
+                log.warning("webhook_recovered", job_id=job_id, status=record.status.value)
+        return len(job_ids)
 
     async def body_for_attempt(self, delivery: DeliveryRecord) -> str:
         """What an attempt of `delivery` sends: the recorded body, byte for byte, while its

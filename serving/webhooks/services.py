@@ -144,6 +144,7 @@ def build_worker_delivery(
             poll_interval_s=settings.webhook_poll_interval_s,
             metrics=WebhookMetrics(client, keys),
             body_for=outbox.body_for_attempt,
+            recover=outbox.recover_unannounced,
         )
     else:
         log.warning("webhooks_disabled", reason="SVD_SERVE_WEBHOOK_SECRETS is empty; no webhook is sent")

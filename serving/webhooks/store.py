@@ -13,16 +13,22 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import RowMapping, Table, insert, select, update
+from sqlalchemy import RowMapping, Table, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from serving.db.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from serving.db.models import Job, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from serving.errors import NotFound
+from serving.types import JobStatus
 
 deliveries = cast(Table, WebhookDelivery.__table__)
 attempts_table = cast(Table, WebhookAttempt.__table__)
 endpoints = cast(Table, WebhookEndpoint.__table__)
+jobs_table = cast(Table, Job.__table__)
+
+# A job that ends is rarely older than this (queued, retried): the unannounced-jobs scan only
+# looks at jobs created within it.
+UNANNOUNCED_MAX_JOB_AGE = dt.timedelta(days=7)
 
 _ERROR_MAX = 2000
 
@@ -286,6 +292,29 @@ class WebhookStore:
         async with self._sessions() as session:
             rows = (await session.execute(stmt)).all()
         return [(row[0], row[1] or _now()) for row in rows]
+
+
+    async def unannounced_jobs(
+        self, *, ended_after: dt.datetime, ended_before: dt.datetime, limit: int = 100
+    ) -> list[str]:
+        """Jobs that ended in the window with a webhook URL but no delivery recorded: the process
+        that ended them died between the status change and the outbox (an ingress killed right
+        after a cancel). `created_at` bounds the scan so that it can use the jobs index."""
+        terminal = [JobStatus.COMPLETED.value, JobStatus.ERROR.value, JobStatus.CANCELED.value]
+        stmt = (
+            select(jobs_table.c.id)
+            .where(
+                jobs_table.c.status.in_(terminal),
+                jobs_table.c.created_at >= ended_after - UNANNOUNCED_MAX_JOB_AGE,
+                jobs_table.c.updated_at >= ended_after,
+                jobs_table.c.updated_at < ended_before,
+                jobs_table.c.webhook_url.is_not(None),
+                ~exists().where(deliveries.c.job_id == jobs_table.c.id),
+            )
+            .limit(limit)
+        )
+        async with self._sessions() as session:
+            return [str(row[0]) for row in (await session.execute(stmt)).all()]
 
 
 def _delivery(row: RowMapping) -> DeliveryRecord:

@@ -202,6 +202,35 @@ async def test_a_late_retry_carries_links_signed_again(env: Env) -> None:
     assert (await env.delivery_of(job_id)).payload == recorded.payload
 
 
+async def test_sweep_records_the_webhook_of_a_job_that_ended_without_one(env: Env) -> None:
+    """An ingress killed between a cancel's status change and its outbox leaves a canceled job
+    with no delivery: the delivery loop's sweep records it, once; nothing else is touched."""
+    outbox = WebhookOutbox(env.store, env.due, public_base_url=env.settings.resolved_public_base_url,
+                           sign_url=storage_url_signer(make_storage(env.settings), 600), jobs=env.jobs,
+                           url_ttl_s=600)
+    with running_receiver(Receiver(BOTH_SECRETS)) as receiver:
+        lost = await new_job(env.jobs, env.alice.id, webhook_url=receiver.url)
+        await env.jobs.transition(lost, JobStatus.CANCELED)  # ...and the process died here
+        silent = await new_job(env.jobs, env.alice.id)  # no webhook URL: nothing to announce
+        await env.jobs.transition(silent, JobStatus.CANCELED)
+        announced = await env.finished_job(receiver.url)  # its delivery was recorded as usual
+        recorded = await env.delivery_of(announced)
+
+        await env.worker(recover=lambda: outbox.recover_unannounced(settle=dt.timedelta(0))).start()
+        delivery = await env.settled(lost, DeliveryStatus.SUCCEEDED)
+        assert await outbox.recover_unannounced(settle=dt.timedelta(0)) == 0  # nothing left to find
+
+    assert delivery.event_type == "job.canceled"
+    assert json.loads(delivery.payload)["data"]["status"] == "canceled"
+    assert receiver.ids.count(delivery.id) == 1
+    assert await env.store.list_for_job(silent) == []
+    assert (await env.delivery_of(announced)).id == recorded.id  # still its one delivery
+    # A job that ended a moment ago is left to the process that ended it.
+    late = await new_job(env.jobs, env.alice.id, webhook_url=receiver.url)
+    await env.jobs.transition(late, JobStatus.CANCELED)
+    assert await outbox.recover_unannounced() == 0 and await env.store.list_for_job(late) == []
+
+
 async def test_gone_disables_the_endpoint_until_a_replay(env: Env) -> None:
     with running_receiver(Receiver(BOTH_SECRETS, script=[410])) as receiver:
         await env.worker().start()
