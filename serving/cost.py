@@ -3,14 +3,16 @@
 A local job costs its GPU-seconds (measured on the replica; a batch's time is shared across its
 jobs by `share_batch`) at the configured GPU-hour price, spot or on-demand. A Runway job costs the
 credits Runway reports on the finished task at the configured credit price. Monthly totals are
-summed from the jobs table (the system of record), by the time each job ended.
+summed from the jobs table (the system of record), by the time each job ended. A budget counts
+what the month spent plus the estimates of the owner's jobs that have not ended yet, so that a
+queue of accepted jobs cannot run past it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -22,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from serving.db.models import Job
 from serving.errors import BudgetExceeded, InvalidInput
 from serving.settings import Settings
-from serving.types import JobParams
+from serving.types import JobParams, JobStatus
 
 log = structlog.get_logger(__name__)
 jobs = cast(Table, Job.__table__)
@@ -116,15 +118,27 @@ class CostLedger:
         async with self._sessions() as session:
             return float(await session.scalar(stmt) or 0.0)
 
+    async def pending(self, owner_id: str, estimate_of: Callable[[JobParams, str], float]) -> tuple[float, int]:
+        """(expected USD, count) of the owner's jobs that have not ended: queued or running,
+        each at `estimate_of(params, requested provider)`. Bounded by the per-owner limit on
+        concurrent jobs."""
+        stmt = select(jobs.c.params, jobs.c.requested_provider).where(
+            jobs.c.owner_id == owner_id, jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.PROCESSING.value])
+        )
+        async with self._sessions() as session:
+            rows = (await session.execute(stmt)).all()
+        return sum(estimate_of(JobParams.from_json(params), provider) for params, provider in rows), len(rows)
+
 
 @dataclass(frozen=True)
 class BudgetCheck:
     """An owner's standing against the monthly budget at one submission."""
 
     budget_usd: float  # 0: no budget
-    spent_usd: float
-    estimate_usd: float
+    spent_usd: float  # jobs that ended this month
+    estimate_usd: float  # this job
     soft_limit_reached: bool
+    pending_usd: float = 0.0  # the owner's jobs that have not ended, at their estimates
 
 
 class Budgets:
@@ -132,6 +146,7 @@ class Budgets:
     itself new jobs are refused with 402 `budget_exceeded`."""
 
     def __init__(self, settings: Settings, ledger: CostLedger) -> None:
+        self._settings = settings
         self._default = settings.budget_monthly_usd
         self._overrides = parse_owner_budgets(settings.owner_budgets_usd)
         self._soft_fraction = settings.budget_soft_fraction
@@ -145,18 +160,24 @@ class Budgets:
         if budget <= 0:
             return BudgetCheck(0.0, 0.0, estimate_usd, False)
         spent = await self._ledger.month_total(owner_id, now)
-        if spent + estimate_usd > budget:
+        pending, pending_jobs = await self._ledger.pending(
+            owner_id, lambda params, provider: job_estimate(self._settings, params, provider).usd
+        )
+        if spent + pending + estimate_usd > budget:
             BUDGET_HARD_LIMIT.inc()
-            log.warning("budget_hard_limit", owner_id=owner_id, spent_usd=spent, budget_usd=budget)
+            log.warning("budget_hard_limit", owner_id=owner_id, spent_usd=spent, pending_usd=pending,
+                        budget_usd=budget)
+            unfinished = f" plus about ${pending:.2f} for {pending_jobs} unfinished jobs" if pending_jobs else ""
             raise BudgetExceeded(
                 f"This job (about ${estimate_usd:.2f}) would take this month's spending "
-                f"(${spent:.2f}) past your budget of ${budget:.2f}; it resets on the 1st (UTC)."
+                f"(${spent:.2f}{unfinished}) past your budget of ${budget:.2f}; it resets on the 1st (UTC)."
             )
-        soft = spent + estimate_usd >= budget * self._soft_fraction
+        soft = spent + pending + estimate_usd >= budget * self._soft_fraction
         if soft:
             BUDGET_SOFT_LIMIT.inc()
-            log.warning("budget_soft_limit", owner_id=owner_id, spent_usd=spent, budget_usd=budget)
-        return BudgetCheck(budget, spent, estimate_usd, soft)
+            log.warning("budget_soft_limit", owner_id=owner_id, spent_usd=spent, pending_usd=pending,
+                        budget_usd=budget)
+        return BudgetCheck(budget, spent, estimate_usd, soft, pending)
 
 
 def parse_owner_budgets(raw: str) -> dict[str, float]:

@@ -56,6 +56,9 @@ class Keys:
     def jobs_per_day(self, owner_id: str, day: str) -> str:
         return f"{self.prefix}:quota:{owner_id}:jobs:{day}"
 
+    def budget_lock(self, owner_id: str) -> str:
+        return f"{self.prefix}:budget:{owner_id}"
+
     def idempotency_lock(self, owner_id: str, key: str) -> str:
         # Hashed: the key is client text of up to 255 characters.
         return f"{self.prefix}:idem:{owner_id}:{hashlib.sha256(key.encode()).hexdigest()}"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
+from collections.abc import AsyncIterator
 
 import structlog
+from redis.exceptions import LockError
 
-from serving.cost import admit_cost, check_provider
+from serving.cost import Budgets, CostLedger, admit_cost, check_provider
 from serving.backpressure import admit, confirm_admission
 from serving.db.errors import DuplicateIdempotencyKey
 from serving.db.jobs import JobRecord
@@ -22,6 +25,11 @@ from serving.types import JobParams, JobStatus, Priority, QueuedJob
 from serving.webhooks.urlpolicy import default_webhook_url, validate_webhook_url
 
 log = structlog.get_logger(__name__)
+
+# The per-owner budget admission lock: held from the budget check to the jobs row (which covers
+# storing the input image), and waited for at most BUDGET_LOCK_WAIT_S before a 429.
+BUDGET_LOCK_TTL_S = 30.0
+BUDGET_LOCK_WAIT_S = 10.0
 
 
 def input_key(owner_id: str, job_id: str, extension: str) -> str:
@@ -78,29 +86,32 @@ async def _accept(
         source = await cache.find(owner_id, request_hash)
     if source is None:
         await admit(services.queue, options.priority, services.settings)  # bounded queue: 429/503
-        # A new paid job must fit the owner's monthly budget (402); a cached result costs nothing.
-        await admit_cost(services.settings, services.sessions, owner_id, params, options.provider)
-    await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
-    try:
-        record = await services.jobs.create(
-            job_id=job_id,
-            owner_id=owner_id,
-            image_url=services.storage.uri(key),
-            params=params.to_json(),
-            model=params.model,
-            priority=options.priority.value,
-            prompt=options.prompt,
-            metadata=options.metadata or {},
-            webhook_url=options.webhook_url,
-            idempotency_key=idempotency_key,
-            input_hash=request_hash,
-            max_attempts=services.settings.job_attempts,
-            idempotency_fingerprint=fingerprint,
-            requested_provider=options.provider,
-        )
-    except BaseException:
-        await asyncio.to_thread(services.storage.delete, key)
-        raise
+    async with budget_admission(services, owner_id, paid=source is None):
+        if source is None:
+            # A new paid job must fit the owner's monthly budget (402), its unfinished jobs
+            # counted; a cached result costs nothing.
+            await admit_cost(services.settings, services.sessions, owner_id, params, options.provider)
+        await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
+        try:
+            record = await services.jobs.create(
+                job_id=job_id,
+                owner_id=owner_id,
+                image_url=services.storage.uri(key),
+                params=params.to_json(),
+                model=params.model,
+                priority=options.priority.value,
+                prompt=options.prompt,
+                metadata=options.metadata or {},
+                webhook_url=options.webhook_url,
+                idempotency_key=idempotency_key,
+                input_hash=request_hash,
+                max_attempts=services.settings.job_attempts,
+                idempotency_fingerprint=fingerprint,
+                requested_provider=options.provider,
+            )
+        except BaseException:
+            await asyncio.to_thread(services.storage.delete, key)
+            raise
     if source is not None:
         # An identical earlier job: complete from its outputs, never enqueued, no GPU.
         try:
@@ -138,27 +149,51 @@ async def retry_job(services: Services, owner_id: str, job_id: str) -> JobRecord
         )
     await admit(services.queue, original.priority, services.settings)
     new_id = str(uuid.uuid4())
-    record = await services.jobs.create(
-        job_id=new_id,
-        owner_id=owner_id,
-        image_url=original.image_url,  # the stored input is immutable: share it
-        params=original.params,
-        model=original.model,
-        priority=original.priority.value,
-        prompt=original.prompt,
-        metadata=original.metadata,
-        webhook_url=original.webhook_url,
-        input_hash=original.input_hash,
-        max_attempts=services.settings.job_attempts,
-        retry_of=original.id,
-        requested_provider=original.requested_provider,
-    )
+    async with budget_admission(services, owner_id, paid=True):
+        # A re-run is a new paid job: it must fit the budget like any other.
+        await admit_cost(services.settings, services.sessions, owner_id, original.job_params,
+                         original.requested_provider)
+        record = await services.jobs.create(
+            job_id=new_id,
+            owner_id=owner_id,
+            image_url=original.image_url,  # the stored input is immutable: share it
+            params=original.params,
+            model=original.model,
+            priority=original.priority.value,
+            prompt=original.prompt,
+            metadata=original.metadata,
+            webhook_url=original.webhook_url,
+            input_hash=original.input_hash,
+            max_attempts=services.settings.job_attempts,
+            retry_of=original.id,
+            requested_provider=original.requested_provider,
+        )
     # The input object is the original's (shared), so only the new row is undone on failure.
     await _enqueue(services, new_id, owner_id, original.priority, input_key=None)
     log.info("job_retried", job_id=new_id, retry_of=original.id, owner_id=owner_id)
     if services.delivery is not None:
         await services.delivery.notifier.job_changed(record, queue_position=await _position(services, new_id))
     return record
+
+
+@contextlib.asynccontextmanager
+async def budget_admission(services: Services, owner_id: str, *, paid: bool) -> AsyncIterator[None]:
+    """Admit an owner's paid jobs one at a time when the owner has a budget: the check counts
+    the owner's unfinished jobs, so two submissions at once must not both pass it before
+    either has written its row."""
+    if not paid or Budgets(services.settings, CostLedger(services.sessions)).budget_for(owner_id) <= 0:
+        yield
+        return
+    lock = services.redis.lock(services.keys.budget_lock(owner_id), timeout=BUDGET_LOCK_TTL_S,
+                               blocking_timeout=BUDGET_LOCK_WAIT_S)
+    if not await lock.acquire():
+        raise RateLimited("Other submissions of yours are being checked against your budget; retry shortly.",
+                          retry_after_s=1, code="budget_check_busy")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(LockError):  # lapsed: the next submission already went ahead
+            await lock.release()
 
 
 async def _undo(services: Services, job_id: str, input_key: str | None) -> None:

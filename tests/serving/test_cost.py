@@ -3,6 +3,7 @@ real PostgreSQL and SQLite, the soft limit (log + metric) and the hard limit (40
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import uuid
@@ -201,6 +202,28 @@ async def test_ingress_estimates_then_refuses_past_the_budget_with_402(ingress: 
     # A repeat of the accepted request is no new job: it gets its job back, budget or not.
     repeat = await submit(ingress, headers={"Idempotency-Key": "first"})
     assert repeat.status_code == 200 and repeat.json()["jobId"] == accepted.json()["jobId"]
+
+
+async def test_unfinished_jobs_count_against_the_budget_also_when_submitted_at_once(ingress: Ingress) -> None:
+    """Jobs accepted but not finished have cost nothing yet; they still count, at their estimate,
+    so neither a queue of jobs nor a burst of concurrent submissions runs past the budget."""
+    await finished_job(ingress.services.jobs, ingress.owner, 0.45)  # $0.05 left: two jobs of $0.02
+    answers = await asyncio.gather(*(submit(ingress) for _ in range(6)))
+    assert sorted(a.status_code for a in answers) == [202, 202, 402, 402, 402, 402], [a.text for a in answers]
+    refused = next(a.json() for a in answers if a.status_code == 402)
+    assert refused["code"] == "budget_exceeded" and "2 unfinished jobs" in refused["detail"]
+    records, _ = await ingress.services.jobs.list_for_owner(ingress.owner, limit=10)
+    assert len(records) == 3  # the finished one and the two accepted: refusals left no row
+
+    # A re-run of a failed job is a new paid job: refused too while the budget is taken.
+    failed = next(r for r in records if r.status is JobStatus.QUEUED)
+    await ingress.services.jobs.transition(failed.id, JobStatus.PROCESSING)
+    await ingress.services.jobs.transition(failed.id, JobStatus.ERROR, error_code="generation_failed",
+                                           error_message="worker lost")
+    await ingress.services.queue.remove(failed.id)
+    await finished_job(ingress.services.jobs, ingress.owner, 0.02)  # the month now holds $0.47
+    retried = await ingress.client.post(f"/api/v1/animate-image/{failed.id}/retry")
+    assert retried.status_code == 402, retried.text  # 0.47 + 0.02 pending + 0.02 > 0.50
 
 
 async def test_ingress_takes_runway_only_with_a_key(ingress: Ingress) -> None:
