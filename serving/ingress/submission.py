@@ -20,6 +20,7 @@ from serving.ingress.deps import Services
 from serving.ingress.idempotency import IdempotencyGuard, request_fingerprint
 from serving.ingress.image_input import Submission
 from serving.ingress.validation import CheckedImage, check_image, resolve_params
+from serving.observability.tracing import job_span
 from serving.result_cache import ResultCache, cache_applies, input_hash
 from serving.types import JobParams, JobStatus, Priority, QueuedJob
 from serving.webhooks.urlpolicy import default_webhook_url, validate_webhook_url
@@ -75,8 +76,22 @@ async def _accept(
     idempotency: tuple[str, str] | None,
 ) -> tuple[JobRecord, bool]:
     """Store, record and enqueue one new job (`idempotency`: the key and the request's fingerprint)."""
-    idempotency_key, fingerprint = idempotency or (None, None)
     job_id = str(uuid.uuid4())
+    # The first span of the job's trace; the dispatcher's spans carry the same svd.job_id.
+    with job_span("accept", job_id, owner_id=owner_id, model=params.model):
+        return await _accept_as(services, job_id, owner_id, submission, params, image, idempotency)
+
+
+async def _accept_as(
+    services: Services,
+    job_id: str,
+    owner_id: str,
+    submission: Submission,
+    params: JobParams,
+    image: CheckedImage,
+    idempotency: tuple[str, str] | None,
+) -> tuple[JobRecord, bool]:
+    idempotency_key, fingerprint = idempotency or (None, None)
     key = input_key(owner_id, job_id, image.extension)
     options = submission.options
     request_hash = input_hash(image.data, params, prompt=options.prompt, provider=options.provider)

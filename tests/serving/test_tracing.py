@@ -13,6 +13,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from serving.observability import tracing
 from serving.settings import Settings
+from tests.serving.test_api_keys import app_settings, png_bytes, running_app
 
 
 class Collector:
@@ -76,3 +77,19 @@ def test_job_spans_reach_the_collector(collector: tuple[Collector, str], tmp_pat
     assert sorted(name for name, _ in sink.spans) == ["dispatch", "generate"]
     assert all(attrs["svd.job_id"] == "job-42" for _, attrs in sink.spans)
     assert dict(sink.spans)["dispatch"]["attempt"] == "2"
+
+
+async def test_a_submission_opens_the_jobs_trace_at_the_ingress(
+    collector: tuple[Collector, str], database_url: str, redis_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    sink, endpoint = collector
+    settings = app_settings(database_url, redis_url, unique_prefix, tmp_path, otel_exporter_otlp_endpoint=endpoint)
+    try:
+        async with running_app(settings) as app, app.client(await app.new_key("tracy")) as client:
+            answer = await client.post("/api/v1/animate-image", files={"image": ("a.png", png_bytes(), "image/png")})
+            assert answer.status_code == 202, answer.text
+    finally:
+        tracing.shutdown_tracing()
+    assert sink.got.wait(timeout=10)
+    accept = [attrs for name, attrs in sink.spans if name == "accept"]
+    assert accept == [{"svd.job_id": answer.json()["jobId"], "owner_id": "tracy", "model": "tiny-random"}]
