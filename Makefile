@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch for development and CI; the GPU image installs a CUDA build instead.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo lint test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +19,10 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/svd-serve demo --out demo-output
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest
 
 test-fast: venv

@@ -167,7 +167,7 @@ class VideoPipeline:
             return results
 
         graphs_before = compiled_graph_count() if self._runtime.compiled else 0
-        for (index, _), result in zip(requests, self._sample_with_oom_ladder([r for _, r in requests], decode)):
+        for (index, _), result in zip(requests, self._sample_with_oom_ladder([r for _, r in requests], decode), strict=False):
             results[index] = result
         if any(isinstance(result.error, GenerationCanceled) for result in results):
             # A canceled request's activations sit in the allocator's cache; hand them back now.

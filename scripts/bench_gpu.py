@@ -341,7 +341,7 @@ def _bench_preset(
         items = [BatchItem(dataclasses.replace(params, seed=params.seed + i)) for i in range(size)]
         captured: dict[str, Any] = {}
 
-        def run() -> float:
+        def run(items: list[BatchItem] = items, captured: dict[str, Any] = captured) -> float:
             began = time.perf_counter()
             results = pipe.run_batch(items)
             _sync(env)
@@ -597,7 +597,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
              f"{'latent err':>11} {'step err':>9}"
     print(header)
     for row in rows:
-        def fmt(key: str, spec: str) -> str:
+        def fmt(key: str, spec: str, row: dict[str, Any] = row) -> str:
             value = row.get(key)
             return format(value, spec) if isinstance(value, (int, float)) else "-"
 
@@ -616,7 +616,7 @@ def _write_chart(report: dict[str, Any], path: Path) -> Path | None:
 
     models = report["models"]
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 4 * len(models)), squeeze=False)
-    for (speed, scaling), model in zip(axes, models):
+    for (speed, scaling), model in zip(axes, models, strict=False):
         singles = [r for r in model["runs"] if r["batch_size"] == 1]
         speed.barh([r["name"] for r in singles], [r["s_per_video"] for r in singles], color="tab:blue")
         for y, r in enumerate(singles):

@@ -276,7 +276,7 @@ async def read_worker_metrics(client: aioredis.Redis, keys: Keys) -> list[Metric
         for metric in WORKER_METRICS:
             pipe.hgetall(keys.metric(metric.name))
         hashes: list[dict[bytes | str, bytes | str]] = await pipe.execute()
-    return [to_family(metric, _decode(raw)) for metric, raw in zip(WORKER_METRICS, hashes)]
+    return [to_family(metric, _decode(raw)) for metric, raw in zip(WORKER_METRICS, hashes, strict=False)]
 
 
 def _decode(raw: Mapping[bytes | str, bytes | str]) -> dict[str, float]:

@@ -34,7 +34,7 @@ def test_batched_equals_alone_equals_diffusers_for_mixed_requests(reference_engi
     diffusers_pipe = reference_engine.diffusers_pipeline
     diffusers_pipe.set_progress_bar_config(disable=True)
 
-    for params, together, single in zip(requests, batched, alone):
+    for params, together, single in zip(requests, batched, alone, strict=False):
         assert together.error is None and single.error is None
         assert together.frames is not None and single.frames is not None
         assert together.latents is not None and single.latents is not None

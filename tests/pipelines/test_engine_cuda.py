@@ -31,7 +31,7 @@ def test_batched_equals_alone_in_float16_on_cuda() -> None:
     pipeline = _cuda_engine(preset("reference"))
     requests = mixed_params()
     batched = pipeline.run_batch([BatchItem(p) for p in requests])
-    for params, together in zip(requests, batched):
+    for params, together in zip(requests, batched, strict=False):
         alone = _frames(pipeline.run_batch([BatchItem(params)])[0])
         torch.testing.assert_close(_frames(together), alone, rtol=0, atol=5e-3)
 
@@ -49,7 +49,7 @@ def test_quality_preset_compiles_once_per_bucket_with_inductor(monkeypatch: pyte
         pipeline.run_batch([BatchItem(make_params(seed=8))])
     assert compiled_graph_count() == compiled
     reference = _cuda_engine(preset("reference"))
-    for params, result in zip(mixed_params()[:2], results):
+    for params, result in zip(mixed_params()[:2], results, strict=False):
         expected = _frames(reference.run_batch([BatchItem(params)])[0])
         torch.testing.assert_close(_frames(result), expected, rtol=0, atol=2e-2)
 

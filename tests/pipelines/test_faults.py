@@ -115,7 +115,7 @@ def test_unet_oom_splits_the_batch_and_matches_requests_run_alone(monkeypatch: p
     rows = _wrap_unet(pipeline, monkeypatch, once)
     progress: list[tuple[int, int]] = []
     results = pipeline.run_batch([BatchItem(p, on_progress=lambda d, t: progress.append((d, t))) for p in requests])
-    for result, single in zip(results, alone):
+    for result, single in zip(results, alone, strict=False):
         torch.testing.assert_close(_frames(result), single, rtol=0, atol=ATOL)
     # 6 rows (3 guided requests) failed; then halves of 2 and 1 requests, 3 steps each.
     assert rows == [6] + [4] * 3 + [2] * 3
