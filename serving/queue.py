@@ -326,6 +326,13 @@ class QueueConsumer:
         await asyncio.wait([run_task])
 
     @property
+    def consuming(self) -> bool:
+        """Whether the fetch loop runs. False before `start`, after `close`, and when BullMQ's loop
+        ended by itself (it returns on an unexpected error): a consumer that silently takes no
+        more jobs, which a health check must see."""
+        return self._run_task is not None and not self._run_task.done()
+
+    @property
     def active_jobs(self) -> list[ActiveJob]:
         """The jobs whose handlers run now."""
         return [a for a in self._active.values() if not a.task.done()]
@@ -447,7 +454,7 @@ class QueueConsumer:
             log.error("queue_abandon_failed", queue=self.queue_name, job_id=queued.job_id, error=repr(exc))
 
     def _on_run_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "queue_consumer_stopped", queue=self.queue_name, error=repr(task.exception())
-            )
+        if task is not self._run_task:
+            return  # closed on purpose
+        error = None if task.cancelled() else task.exception()
+        log.error("queue_consumer_stopped", queue=self.queue_name, error=repr(error) if error else None)

@@ -145,6 +145,11 @@ class Dispatcher:
 
     async def check_health(self) -> None:
         await self._redis.ping()
+        # A consumer whose loop ended takes no more jobs: fail, and Ray Serve replaces the replica
+        # (its jobs go back to the queue once their leases lapse). A drain stops taking jobs on
+        # purpose but keeps the loop.
+        if not self._consumer.consuming:
+            raise RuntimeError(f"the queue consumer of {self._consumer.queue_name} stopped")
 
     async def drain(self, reason: str = "sigterm") -> DrainReport:
         """Stop taking jobs, finish those ending within the grace period, hand back the rest."""

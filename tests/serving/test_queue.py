@@ -408,3 +408,20 @@ async def test_hand_back_requeues_at_once_without_spending_an_attempt(
     await second.close()
     # The hand-back spent no attempt.
     assert runs[:2] == ["first:1", "second:1"]
+
+
+async def test_consuming_says_whether_the_fetch_loop_runs(queue: JobQueue, start_consumer: ConsumerFactory) -> None:
+    """What the Dispatcher's health check reads: true while the loop fetches jobs, false once it
+    ended."""
+    done = asyncio.Event()
+
+    async def handler(job: QueuedJob, info: ConsumedJobInfo) -> None:
+        done.set()
+
+    consumer = await start_consumer(handler)
+    assert consumer.consuming
+    await add(queue, "job-1", attempts=1)
+    await gate(done)
+    assert consumer.consuming
+    await consumer.close()
+    assert not consumer.consuming
