@@ -216,9 +216,11 @@ class FaultStack:
             if all(r is not None and r.status.terminal for r in records.values()):
                 return {jid: r for jid, r in records.items() if r is not None}
             if time.monotonic() > deadline:
-                states = {jid: r.status.value if r else None for jid, r in records.items()}
+                states = {jid: (r.status.value, r.stage, r.attempts, r.error_code) if r else None
+                          for jid, r in records.items()}
                 logs = "".join(line for w in self.workers for line in w.lines[-20:])
-                raise TimeoutError(f"jobs not finished within {timeout_s} s: {states}\n{logs}")
+                raise TimeoutError(f"jobs not finished within {timeout_s} s: {states}, "
+                                   f"queue {await self.queue.counts()}\n{logs}")
             await asyncio.sleep(0.1)  # polling the store, bounded by the deadline
 
     async def wait_webhooks(self, job_id: str, count: int, timeout_s: float) -> set[tuple[str, str]]:

@@ -1,17 +1,18 @@
-"""Fault injection on the production worker (issue #5, items 1 and 4 on the Ray path): `svd-serve
-worker` processes, each with its own local Ray cluster and the real Serve app (Dispatcher,
-Generator running the tiny model, PostProcessor with ffmpeg), fed by `svd-serve api` on real
-Redis and PostgreSQL.
+"""Fault injection on the production worker (issue #5: items 1 and 4 on the Ray path, and a
+Generator replica that crashes): `svd-serve worker` processes, each with its own local Ray cluster
+and the real Serve app (Dispatcher, Generator running the tiny model, PostProcessor with ffmpeg),
+fed by `svd-serve api` on real Redis and PostgreSQL.
 
 The rest of the fault suite uses a CPU stand-in for Ray so that each scenario fits in seconds;
-this module checks that the same guarantees hold with Ray in the middle. Killing the worker's
-whole process group (driver, GCS, raylet, replicas) is what a lost spot node looks like."""
+this module checks that the same guarantees hold with Ray in the middle. Killing every process of
+a worker's Ray node at once (driver, GCS, raylet, replicas) is what a lost spot node looks like."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -54,10 +55,36 @@ async def wait_denoising(redis: aioredis.Redis, keys: Keys, job_ids: list[str], 
     raise TimeoutError(f"jobs never denoising: {steps}\n{''.join(worker.lines[-40:])}")
 
 
-def kill_node(worker: WorkerProc) -> None:
-    """SIGKILL the worker and every Ray process it started, as when a spot node disappears."""
+def replica_pids(app: str, deployment: str = "") -> list[int]:
+    """The processes of an app's replicas (of one deployment, or all). Ray titles them
+    `ray::ServeReplica:<app>:<deployment>`, plus `.<method>` while one runs."""
+    title = f"ray::ServeReplica:{app}:{deployment}"
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    pids = []
+    for line in listing.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        args = args.strip()
+        if args == title or args.startswith(title if not deployment else title + "."):
+            pids.append(int(pid))
+    return pids
+
+
+def kill_node(worker: WorkerProc, app: str) -> None:
+    """SIGKILL every process of the worker's Ray node at once, as when a spot node disappears:
+    the replicas (each in a session of its own, so named here) and the driver's process group
+    (driver, GCS, raylet)."""
+    for pid in replica_pids(app):
+        os.kill(pid, signal.SIGKILL)
     os.killpg(worker.proc.pid, signal.SIGKILL)
     assert worker.wait(10) == -signal.SIGKILL
+
+
+def kill_replica(app: str, deployment: str) -> None:
+    """SIGKILL the replicas of one deployment, as a CUDA crash takes its process down."""
+    pids = replica_pids(app, deployment)
+    assert pids, f"no {deployment} replica of {app} running"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
 
 
 def stored_objects(data_dir: Path, owner: str, job_id: str) -> list[str]:
@@ -68,11 +95,12 @@ async def test_ray_worker_killed_or_stopped_mid_job_loses_nothing(
     stack: FaultStack, redis_url: str, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    ingress = stack.start_ingress(data_dir)
+    ingress = stack.start_ingress(data_dir, job_backoff_ms=200)
     keys = Keys(stack.prefix)
     redis = aioredis.Redis.from_url(redis_url)
+    app = f"faults-{stack.prefix}"  # not the name another test's Ray cluster uses
     worker_settings = {"lock_duration_ms": LEASE_MS, "dispatcher_concurrency": 2, "max_batch_size": 2,
-                       "drain_grace_s": 0.5, "log_level": "INFO"}
+                       "drain_grace_s": 0.5, "log_level": "INFO", "serve_app_name": app}
     try:
         async with ingress.client() as client:
             # 1. Node loss mid-denoising: the job goes back after its lease lapses and completes
@@ -80,7 +108,7 @@ async def test_ray_worker_killed_or_stopped_mid_job_loses_nothing(
             first = stack.start_ray_worker(data_dir, **worker_settings)
             lost = await submit(client, stack.receiver.url)
             await wait_denoising(redis, keys, [lost], first)
-            kill_node(first)
+            kill_node(first, app)
             second = stack.start_ray_worker(data_dir, **worker_settings)
             records = await stack.wait_terminal([lost], timeout_s=180)
             assert records[lost].status is JobStatus.COMPLETED, records[lost]
@@ -106,12 +134,24 @@ async def test_ray_worker_killed_or_stopped_mid_job_loses_nothing(
             # Back in the queue now, not after a lease lapse: no other worker runs to notice one.
             assert all([await stack.queue.position(job_id) is not None for job_id in in_hand])
 
-            stack.start_ray_worker(data_dir, **worker_settings)
+            third = stack.start_ray_worker(data_dir, **worker_settings)
             records = await stack.wait_terminal(in_hand, timeout_s=180)
             for job_id in in_hand:
                 assert records[job_id].status is JobStatus.COMPLETED, records[job_id]
                 assert records[job_id].attempts == 2
                 webhooks = await stack.wait_webhooks(job_id, 1, timeout_s=20)
                 assert {kind for _, kind in webhooks} == {"job.completed"} and len(webhooks) == 1
+
+            # A Generator replica dies mid-job, its worker lives on: the attempt fails, Ray Serve
+            # starts a new replica, and the job's next attempt completes there.
+            crashed = await submit(client, stack.receiver.url)
+            await wait_denoising(redis, keys, [crashed], third)
+            kill_replica(app, "Generator")
+            records = await stack.wait_terminal([crashed], timeout_s=180)
+            assert records[crashed].status is JobStatus.COMPLETED, records[crashed]
+            assert records[crashed].attempts == 2
+            webhooks = await stack.wait_webhooks(crashed, 1, timeout_s=20)
+            assert {kind for _, kind in webhooks} == {"job.completed"} and len(webhooks) == 1
+            assert third.proc.poll() is None
     finally:
         await redis.aclose()
