@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from serving.db.models import Job
 from serving.errors import BudgetExceeded, InvalidInput
 from serving.settings import Settings
-from serving.types import JobParams, JobStatus
+from serving.types import ACTIVE_STATUS_VALUES, JobParams
 
 log = structlog.get_logger(__name__)
 jobs = cast(Table, Job.__table__)
@@ -123,7 +123,7 @@ class CostLedger:
         each at `estimate_of(params, requested provider)`. Bounded by the per-owner limit on
         concurrent jobs."""
         stmt = select(jobs.c.params, jobs.c.requested_provider).where(
-            jobs.c.owner_id == owner_id, jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.PROCESSING.value])
+            jobs.c.owner_id == owner_id, jobs.c.status.in_(ACTIVE_STATUS_VALUES)
         )
         async with self._sessions() as session:
             rows = (await session.execute(stmt)).all()

@@ -28,6 +28,9 @@ class JobStatus(str, enum.Enum):
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELED})
+# The stored values, for SQL filters: jobs that have ended, and those still queued or running.
+TERMINAL_STATUS_VALUES = tuple(s.value for s in JobStatus if s.terminal)
+ACTIVE_STATUS_VALUES = tuple(s.value for s in JobStatus if not s.terminal)
 
 # The only moves a job may make; `serving.db.jobs.transition` enforces them.
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {

@@ -38,14 +38,13 @@ from sqlalchemy.sql.functions import FunctionElement
 from serving.db.errors import DuplicateIdempotencyKey
 from serving.db.models import Job, JSONType, UTCDateTime
 from serving.errors import Conflict, InvalidInput, InvalidTransition, NotFound
-from serving.types import ALLOWED_TRANSITIONS, JobParams, JobStatus, Priority, Stage
+from serving.types import ACTIVE_STATUS_VALUES, ALLOWED_TRANSITIONS, JobParams, JobStatus, Priority, Stage
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 jobs = cast(Table, Job.__table__)
 MAX_PAGE_SIZE = 100
-_ACTIVE = [s.value for s in JobStatus if not s.terminal]
 # A failed conditional UPDATE is re-checked; another writer may have just moved the job into a
 # status we may leave. Each retry means some other transition committed, so a few suffice.
 _TRANSITION_TRIES = 5
@@ -295,7 +294,7 @@ class JobRepository:
         values: dict[str, Any] = {"progress": _check_progress(progress), "updated_at": _now()}
         if stage is not None:
             values["stage"] = _stage_value(stage)
-        stmt = update(jobs).where(jobs.c.id == jid, jobs.c.status.in_(_ACTIVE)).values(values)
+        stmt = update(jobs).where(jobs.c.id == jid, jobs.c.status.in_(ACTIVE_STATUS_VALUES)).values(values)
         async with self._sessions() as session, session.begin():
             result = await session.execute(stmt)
         return bool(result.rowcount)  # type: ignore[attr-defined]

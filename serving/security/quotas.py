@@ -21,10 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from serving.db.models import Job
 from serving.errors import RateLimited
 from serving.keys import Keys
-from serving.types import JobStatus
+from serving.types import ACTIVE_STATUS_VALUES
 
 jobs = cast(Table, Job.__table__)
-_ACTIVE = [s.value for s in JobStatus if not s.terminal]
 # A slot frees when one of the owner's jobs ends, which we cannot predict: a polite poll interval.
 CONCURRENCY_RETRY_AFTER_S = 30
 
@@ -102,7 +101,7 @@ class Quotas:
         self._release_script = redis.register_script(RELEASE_LUA)
 
     async def active_jobs(self, owner_id: str) -> int:
-        stmt = select(func.count()).select_from(jobs).where(jobs.c.owner_id == owner_id, jobs.c.status.in_(_ACTIVE))
+        stmt = select(func.count()).select_from(jobs).where(jobs.c.owner_id == owner_id, jobs.c.status.in_(ACTIVE_STATUS_VALUES))
         async with self._sessions() as session:
             return int(await session.scalar(stmt) or 0)
 

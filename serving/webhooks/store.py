@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from serving.db.models import Job, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from serving.errors import NotFound
-from serving.types import JobStatus
+from serving.types import TERMINAL_STATUS_VALUES
 
 deliveries = cast(Table, WebhookDelivery.__table__)
 attempts_table = cast(Table, WebhookAttempt.__table__)
@@ -300,11 +300,10 @@ class WebhookStore:
         """Jobs that ended in the window with a webhook URL but no delivery recorded: the process
         that ended them died between the status change and the outbox (an ingress killed right
         after a cancel). `created_at` bounds the scan so that it can use the jobs index."""
-        terminal = [JobStatus.COMPLETED.value, JobStatus.ERROR.value, JobStatus.CANCELED.value]
         stmt = (
             select(jobs_table.c.id)
             .where(
-                jobs_table.c.status.in_(terminal),
+                jobs_table.c.status.in_(TERMINAL_STATUS_VALUES),
                 jobs_table.c.created_at >= ended_after - UNANNOUNCED_MAX_JOB_AGE,
                 jobs_table.c.updated_at >= ended_after,
                 jobs_table.c.updated_at < ended_before,
