@@ -209,13 +209,9 @@ def check_provider(settings: Settings, requested_provider: str) -> None:
 
 
 async def admit_cost(
-    settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
-    owner_id: str,
-    params: JobParams,
-    requested_provider: str,
+    settings: Settings, budgets: Budgets, owner_id: str, params: JobParams, requested_provider: str
 ) -> CostEstimate:
     """The estimate of a new job, refused (402 `budget_exceeded`) past the owner's budget."""
     expected = job_estimate(settings, params, requested_provider)
-    await Budgets(settings, CostLedger(sessions)).check(owner_id, expected.usd)
+    await budgets.check(owner_id, expected.usd)
     return expected

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 import structlog
 from fastapi import FastAPI
 
+from serving.cost import Budgets, CostLedger
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
 from serving.db.migrate import check_migrated
@@ -66,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
                 redis=redis,
                 keys=keys,
                 api_key_owners=owners,
+                budgets=Budgets(settings, CostLedger(sessions)),
                 delivery=delivery,
                 security=build_security(settings, sessions, redis, keys),
             )

@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from serving.cost import Budgets
 from serving.db.jobs import JobRepository
 from serving.errors import Forbidden, NotFound
 from serving.keys import Keys
@@ -49,6 +50,7 @@ class Services:
     redis: aioredis.Redis
     keys: Keys
     api_key_owners: dict[str, str]  # static bootstrap keys (SVD_SERVE_API_KEYS): key -> owner
+    budgets: Budgets  # monthly budgets per owner (issue #6)
     delivery: DeliveryServices | None = None  # events and webhooks (serving.webhooks.services)
     security: SecurityServices = field(repr=False, default=None)  # type: ignore[assignment]  # set in the lifespan
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import structlog
 from redis.exceptions import LockError
 
-from serving.cost import Budgets, CostLedger, admit_cost, check_provider
+from serving.cost import admit_cost, check_provider
 from serving.backpressure import admit, confirm_admission
 from serving.db.errors import DuplicateIdempotencyKey
 from serving.db.jobs import JobRecord
@@ -105,7 +105,7 @@ async def _accept_as(
         if source is None:
             # A new paid job must fit the owner's monthly budget (402), its unfinished jobs
             # counted; a cached result costs nothing.
-            await admit_cost(services.settings, services.sessions, owner_id, params, options.provider)
+            await admit_cost(services.settings, services.budgets, owner_id, params, options.provider)
         await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
         try:
             record = await services.jobs.create(
@@ -166,7 +166,7 @@ async def retry_job(services: Services, owner_id: str, job_id: str) -> JobRecord
     new_id = str(uuid.uuid4())
     async with budget_admission(services, owner_id, paid=True):
         # A re-run is a new paid job: it must fit the budget like any other.
-        await admit_cost(services.settings, services.sessions, owner_id, original.job_params,
+        await admit_cost(services.settings, services.budgets, owner_id, original.job_params,
                          original.requested_provider)
         record = await services.jobs.create(
             job_id=new_id,
@@ -196,7 +196,7 @@ async def budget_admission(services: Services, owner_id: str, *, paid: bool) -> 
     """Admit an owner's paid jobs one at a time when the owner has a budget: the check counts
     the owner's unfinished jobs, so two submissions at once must not both pass it before
     either has written its row."""
-    if not paid or Budgets(services.settings, CostLedger(services.sessions)).budget_for(owner_id) <= 0:
+    if not paid or services.budgets.budget_for(owner_id) <= 0:
         yield
         return
     lock = services.redis.lock(services.keys.budget_lock(owner_id), timeout=BUDGET_LOCK_TTL_S,
