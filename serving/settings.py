@@ -72,8 +72,13 @@ class Settings(BaseSettings):
     max_queued_total: int = 20000  # waiting jobs in all; past it the service is saturated: 503
     drain_rate_window_s: int = 300  # completions counted over this window give the drain rate
     drain_grace_s: float = 25.0  # on SIGTERM, finish jobs expected to end within this; hand back the rest
-    preemption_watcher: Literal["none", "aws", "gcp"] = "none"  # spot notice from instance metadata
-    preemption_poll_s: float = 5.0
+    # `svd-serve spot-watch` (an optional sidecar of GPU pods, docs/scaling.md): which instance
+    # metadata to poll for the spot notice, and how often.
+    preemption_watcher: Literal["none", "aws", "gcp"] = "none"
+    preemption_poll_s: float = 2.0
+    # Ray resources the Dispatcher asks for, to pin it to the stable (on-demand) head node, e.g.
+    # {"svd-dispatcher": 0.01} with the head started with `--resources '{"svd-dispatcher": 1}'`.
+    dispatcher_resources: dict[str, float] = {}
     job_deadline_s: float = 3600.0  # wall-clock limit of one attempt
     watchdog_stall_s: float = 300.0  # a running generation without progress this long is stuck
     # Generator autoscaling on queue depth (serving.autoscaling)
@@ -83,6 +88,7 @@ class Settings(BaseSettings):
     autoscale_target_wait_s: float = 60.0  # how long a waiting job may wait before we add capacity
     autoscale_upscale_delay_s: float = 30.0
     autoscale_downscale_delay_s: float = 600.0
+    autoscale_metrics_interval_s: float = 10.0  # how often each Generator reports the queue to Serve
 
     # Object storage
     storage_backend: Literal["local", "s3"] = "local"
@@ -146,6 +152,9 @@ class Settings(BaseSettings):
     # `auto` goes to Runway when the local pool was unhealthy this long, or when the estimated
     # local wait exceeds the SLA (0: no SLA rule), or when the job failed locally on every attempt.
     local_unhealthy_threshold_s: float = 60.0
+    # A Generator on its way up (scale from zero, a new spot node: boot, image pull, weights,
+    # compile) is not "unhealthy" for routing until it has taken longer than this.
+    local_cold_start_allowance_s: float = 900.0
     routing_sla_s: float = 0.0
     local_job_seconds_estimate: float = 60.0  # one local job, for queue-wait estimates
     breaker_failure_threshold: int = 5  # consecutive failures that open a provider's breaker
@@ -166,6 +175,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
     metrics_replicas_interval_s: float = 15.0  # how often a Dispatcher reports Serve replica counts
+    # The ingress's /metrics also serves the Redis-held metrics (one machine). Off on Kubernetes,
+    # where `svd-serve exporter` serves them once (serving.observability.exporter).
+    metrics_shared_on_ingress: bool = True
     # Tracing (OpenTelemetry, OTLP/HTTP) stays off unless an endpoint is set; needs the
     # `observability` extra. Sentry error reporting starts only with a DSN.
     otel_exporter_otlp_endpoint: str | None = None
