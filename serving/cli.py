@@ -41,10 +41,66 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.observability.exporter import create_exporter_app
+
+    settings = _settings(args)
+    uvicorn.run(create_exporter_app(settings), host=args.host or "127.0.0.1", port=args.port or 9100,
+                log_level="warning", access_log=False)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from serving.worker.process import run_worker
 
     run_worker(_settings(args))
+    return 0
+
+
+def _ray_address(args: argparse.Namespace, settings: Settings) -> str:
+    """The GCS address: --address, else RAY_ADDRESS (KubeRay sets it in every Ray pod), else
+    SVD_SERVE_RAY_ADDRESS."""
+    import os
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or settings.ray_address
+    if not address:
+        raise SystemExit("no Ray address: pass --address or set RAY_ADDRESS")
+    return address
+
+
+def cmd_drain_node(args: argparse.Namespace) -> int:
+    """A GPU pod's preStop: drain this Ray node before Kubernetes stops it (serving.worker.node_drain)."""
+    import asyncio
+
+    from serving.worker.node_drain import GcsNodes, drain_this_node, local_node_id
+
+    settings = _settings(args)
+    nodes = GcsNodes(_ray_address(args, settings))
+    node_id = args.node_id or local_node_id(nodes)
+    left = asyncio.run(
+        drain_this_node(nodes, node_id, deadline_s=args.deadline_s, message=args.reason, wait=not args.no_wait)
+    )
+    print(f"drained Ray node {node_id}" + (f"; still running: {', '.join(left)}" if left else ""), flush=True)
+    return 0
+
+
+def cmd_spot_watch(args: argparse.Namespace) -> int:
+    """A GPU pod's sidecar: wait for the spot notice of this node, then drain its Ray node."""
+    import asyncio
+
+    from serving.worker.node_drain import GcsNodes, local_node_id
+    from serving.worker.preemption import notice_from_settings, watch_and_drain
+
+    settings = _settings(args)
+    source = notice_from_settings(settings)
+    if source is None:
+        print("svd-serve spot-watch: set SVD_SERVE_PREEMPTION_WATCHER=aws or gcp", file=sys.stderr)
+        return 2
+    nodes = GcsNodes(_ray_address(args, settings))
+    notice = asyncio.run(watch_and_drain(source, nodes, args.node_id or local_node_id(nodes), settings.preemption_poll_s))
+    print(f"drained this Ray node: {notice.reason}", flush=True)
     return 0
 
 
@@ -177,7 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     with_bind(sub.add_parser("up", help="run everything on this machine")).set_defaults(func=cmd_up)
     with_bind(sub.add_parser("api", help="run the HTTP ingress")).set_defaults(func=cmd_api)
     sub.add_parser("worker", help="deploy the Ray Serve app and run until stopped").set_defaults(func=cmd_worker)
+    exporter = with_bind(sub.add_parser("exporter", help="serve the Redis-held metrics once (port 9100)"))
+    exporter.set_defaults(func=cmd_exporter)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    drain = sub.add_parser("drain-node", help="drain this host's Ray node before it goes (a GPU pod's preStop)")
+    drain.add_argument("--deadline-s", type=float, required=True,
+                       help="seconds until the node is killed (the pod's grace period less a margin)")
+    drain.add_argument("--address", help="Ray GCS address host:port (default: $RAY_ADDRESS)")
+    drain.add_argument("--node-id", help="hex id of the Ray node (default: the node with this host's IP)")
+    drain.add_argument("--reason", default="pod terminating", help="recorded with the drain")
+    drain.add_argument("--no-wait", action="store_true", help="return at once instead of waiting for the replicas to leave")
+    drain.set_defaults(func=cmd_drain_node)
+    watch = sub.add_parser("spot-watch", help="wait for this node's spot notice, then drain its Ray node")
+    watch.add_argument("--address", help="Ray GCS address host:port (default: $RAY_ADDRESS)")
+    watch.add_argument("--node-id", help="hex id of the Ray node (default: the node with this host's IP)")
+    watch.set_defaults(func=cmd_spot_watch)
     demo = with_bind(sub.add_parser("demo", help="run the stack, animate the sample image, stop"))
     demo.add_argument("--out", default="demo-output", help="directory for demo.mp4 and demo.jpg")
     demo.set_defaults(func=cmd_demo)

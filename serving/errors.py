@@ -52,6 +52,13 @@ class RetryableError(SvdServeError):
     status = 503
 
 
+class RunHandedBack(RetryableError):
+    """A Generator gave a run back because its Ray node is draining (spot preemption, scale-down
+    of nodes): the dispatcher runs the job again on another replica, without spending an attempt."""
+
+    code = "run_handed_back"
+
+
 class PermanentError(SvdServeError):
     """A job failed in a way that retrying will not fix."""
 

@@ -1,21 +1,23 @@
-"""Replicas wanted vs running per Ray Serve deployment, reported by the Dispatcher into Redis.
+"""The Serve application's state, reported by the Dispatcher into Redis: replicas wanted vs
+running per deployment, whether the application is RUNNING, and the Dispatcher's provider breakers.
 
-The ingress cannot reach Ray (it runs outside the cluster and keeps working while the cluster is
-down), so a Dispatcher replica asks the Serve controller every `interval_s` and writes the two
-gauges; they expire (`GAUGE_TTL_S`) when no Dispatcher is left to refresh them, which the
-`SvdNoReadyGpuReplica` alert treats like zero.
+The exporter cannot reach Ray (it runs outside the cluster and keeps working while the cluster is
+down), so a Dispatcher replica asks the Serve controller every `interval_s` and writes the
+gauges; they go stale (`GAUGE_TTL_S`) when no Dispatcher is left to refresh them, which the
+`SvdNoReadyGpuReplica` and `SvdServeAppNotRunning` alerts treat like zero.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
 from serving.keys import Keys
-from serving.metrics import REPLICAS_RUNNING, REPLICAS_WANTED, MetricBatch
+from serving.metrics import APP_RUNNING, BREAKER_OPEN, REPLICAS_RUNNING, REPLICAS_WANTED, MetricBatch
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +33,14 @@ def replica_counts(details: dict[str, Any], app_name: str) -> dict[str, tuple[in
     return counts
 
 
+def app_status(details: dict[str, Any], app_name: str) -> str | None:
+    """The application's status ("RUNNING", "DEPLOYING", "UNHEALTHY"...), None when absent."""
+    app = (details.get("applications") or {}).get(app_name)
+    if not app:
+        return None
+    return str(app.get("status")).rsplit(".", 1)[-1]
+
+
 def _serve_details() -> dict[str, Any]:
     # The controller's own view, the one `serve status` prints; there is no public Python call
     # that returns the target replica count.
@@ -40,13 +50,22 @@ def _serve_details() -> dict[str, Any]:
 
 
 class ReplicaReporter:
-    """Writes `svd_serve_replicas_wanted/_running` every `interval_s` until closed."""
+    """Writes `svd_serve_replicas_wanted/_running`, `svd_serve_application_running` and
+    `svd_provider_breaker_open` every `interval_s` until closed."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, app_name: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        app_name: str,
+        interval_s: float,
+        breakers: Callable[[], dict[str, bool]] | None = None,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._app_name = app_name
         self._interval_s = interval_s
+        self._breakers = breakers
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -60,11 +79,20 @@ class ReplicaReporter:
             self._task = None
 
     async def report_once(self) -> dict[str, tuple[int, int]]:
-        counts = replica_counts(await asyncio.to_thread(_serve_details), self._app_name)
         batch = MetricBatch(self._keys)
+        if self._breakers is not None:  # first: it needs no controller
+            for provider, is_open in self._breakers().items():
+                batch.set(BREAKER_OPEN, {"provider": provider}, 1.0 if is_open else 0.0)
+        try:
+            details = await asyncio.to_thread(_serve_details)
+        finally:
+            await batch.aflush(self._redis)
+        counts = replica_counts(details, self._app_name)
         for deployment, (wanted, running) in counts.items():
             batch.set(REPLICAS_WANTED, {"deployment": deployment}, wanted)
             batch.set(REPLICAS_RUNNING, {"deployment": deployment}, running)
+        running_app = app_status(details, self._app_name) == "RUNNING"
+        batch.set(APP_RUNNING, {"application": self._app_name}, 1.0 if running_app else 0.0)
         await batch.aflush(self._redis)
         return counts
 

@@ -6,10 +6,6 @@ import enum
 import time
 from collections.abc import Callable
 
-from prometheus_client import Gauge
-
-BREAKER_STATE = Gauge("svd_provider_breaker_open", "1 while a provider's circuit breaker is open", ["provider"])
-
 
 class BreakerState(str, enum.Enum):
     CLOSED = "closed"  # work flows
@@ -41,7 +37,6 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
-        BREAKER_STATE.labels(provider).set(0)
 
     @property
     def state(self) -> BreakerState:
@@ -70,11 +65,9 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = None
         self._probing = False
-        BREAKER_STATE.labels(self.provider).set(0)
 
     def record_failure(self) -> None:
         self._failures += 1
         if self._probing or self._failures >= self._threshold:
             self._opened_at = self._clock()
             self._probing = False
-            BREAKER_STATE.labels(self.provider).set(1)

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
-from prometheus_client import Counter
 
 from serving.backend import VideoBackend
 from serving.errors import PermanentError, ProviderUnavailable
@@ -24,10 +23,6 @@ from serving.providers.health import LocalHealth
 from serving.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-ROUTING_DECISIONS = Counter(
-    "svd_routing_decisions_total", "Jobs routed, by provider and reason", ["provider", "reason"]
-)
 
 LOCAL = "local"
 RUNWAY = "runway"
@@ -202,8 +197,11 @@ class ProviderRouter:
         breaker = self._breakers.get(decision.provider)
         if breaker is not None:
             breaker.allow()  # takes the half-open probe when that is what let the job through
-        ROUTING_DECISIONS.labels(decision.provider, decision.reason.value).inc()
         return decision
+
+    def breakers_open(self) -> dict[str, bool]:
+        """Each provider's breaker: open (refusing work) or not, for the breaker gauge."""
+        return {name: not breaker.available() for name, breaker in self._breakers.items()}
 
     def record(self, provider: str, *, ok: bool) -> None:
         """The outcome of one call to `provider`, for its breaker."""

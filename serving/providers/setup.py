@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis.asyncio as aioredis
 
 from serving.backend import ProviderBackend, VideoBackend
 from serving.db.jobs import JobRepository
 from serving.keys import Keys
-from serving.providers.health import LocalHealth
+from serving.providers.health import LocalHealth, PoolState
 from serving.providers.router import LOCAL, RUNWAY, ProviderRouter
 from serving.queue import JobQueue
 from serving.settings import Settings
+
+
+class LocalPool(ProviderBackend, Protocol):
+    """The local backend: a pool of Generators that may be scaled to zero or on its way up."""
+
+    async def pool_state(self) -> PoolState: ...
 
 
 @dataclass
@@ -31,7 +38,7 @@ class Providers:
 
 
 def build_providers(
-    settings: Settings, local: ProviderBackend, jobs: JobRepository, redis: aioredis.Redis, keys: Keys
+    settings: Settings, local: LocalPool, jobs: JobRepository, redis: aioredis.Redis, keys: Keys
 ) -> Providers:
     """The local backend always; Runway only with an API key (it is then usable when asked for
     by name, and as the `auto` fallback when `fallback_enabled`)."""
@@ -51,7 +58,6 @@ def build_providers(
         counts = await queue.counts()
         return counts["waiting"] * settings.local_job_seconds_estimate / max(1, settings.dispatcher_concurrency)
 
-    router = ProviderRouter.from_settings(
-        settings, backends, health=LocalHealth(local.health), estimate_wait_s=estimate_wait_s
-    )
+    health = LocalHealth(local.pool_state, cold_start_allowance_s=settings.local_cold_start_allowance_s)
+    router = ProviderRouter.from_settings(settings, backends, health=health, estimate_wait_s=estimate_wait_s)
     return Providers(router, queue, runway)

@@ -10,7 +10,7 @@ import structlog
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.autoscaling import generator_scaling_options
+from serving.autoscaling import QueueProbe, generator_scaling_options
 from serving.cost import Prices
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
@@ -25,11 +25,12 @@ from serving.settings import Settings
 from serving.storage import make_storage
 from serving.types import GenerationRequest, GenerationResult, PostProcessRequest, PostProcessResult
 from serving.webhooks.services import build_worker_delivery
+from serving.errors import RunHandedBack
 from serving.worker.drain import DrainReport, dispatcher_drainer
 from serving.worker.generation import GenerationService
 from serving.worker.local_backend import LocalRayBackend
+from serving.worker.node_drain import DrainState, NodeDrainWatch
 from serving.worker.postprocessing import PostProcessingService
-from serving.worker.preemption import watch_for_preemption
 from serving.worker.runner import JobRunner, queue_consumer
 from serving.worker.watchdog import generator_watchdog
 
@@ -41,21 +42,38 @@ class Generator:
     """Runs the SVD pipeline; weights load in the constructor so the replica is ready only after.
 
     Requests arriving together are collected by `@serve.batch` and run in as few denoising loops
-    as their shapes and the frames x pixels budget allow (`GenerationService.generate_many`)."""
+    as their shapes and the frames x pixels budget allow (`GenerationService.generate_many`).
+    It reports the queue to Serve's autoscaler (`record_autoscaling_stats`, serving.autoscaling)
+    and watches its own Ray node: once the node drains it takes no new run and hands back the
+    runs that would miss the deadline (serving.worker.node_drain)."""
 
-    def __init__(self, settings: Settings) -> None:
+    async def __init__(self, settings: Settings) -> None:
         configure_service_logging(settings)
         setup_observability(settings, "generator")
-        self._service = GenerationService(settings)
-        self._service.warm_up(settings.default_model)
+        # Loading and compiling take minutes on a GPU: off the replica's event loop.
+        self._service = await asyncio.to_thread(GenerationService, settings)
+        await asyncio.to_thread(self._service.warm_up, settings.default_model)
         self._generate_batch.set_max_batch_size(settings.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         # Issue #5: a stuck step, a job past its deadline or a broken CUDA context fails the
         # health check, and Ray Serve restarts the replica.
         self._watchdog = generator_watchdog(settings)
+        assert settings.redis_url  # GenerationService refused to start without it
+        self._queue = QueueProbe(settings.redis_url, settings.queue_name, float(settings.drain_rate_window_s))
+        self._node = NodeDrainWatch.for_this_replica(self._on_node_draining)
+        self._service.node_id = self._node.node_id
+        self._node.start()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Called by Ray Serve every `metrics_interval_s`: the queue for the autoscaling policy."""
+        return await self._queue.autoscaling_stats()
 
     async def check_health(self) -> None:
         await self._watchdog.check()
+        await asyncio.to_thread(self._service.refresh_gauges)
+
+    async def _on_node_draining(self, state: DrainState) -> None:
+        self._service.node_draining(state)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | BaseException]:
@@ -63,6 +81,9 @@ class Generator:
         return await asyncio.to_thread(self._service.generate_many, requests)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if not self._service.accepting:
+            # Serve still routes to a replica whose node drains until its replacement runs.
+            raise RunHandedBack(f"Node {self._node.node_id} is draining; job {request.job_id} goes elsewhere.")
         with self._watchdog.watch(request.job_id):
             try:
                 outcome = await self._generate_batch(request)
@@ -75,6 +96,10 @@ class Generator:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
+
+    async def __del__(self) -> None:
+        await self._node.aclose()
+        await self._queue.aclose()
 
 
 @serve.deployment(max_ongoing_requests=4)
@@ -116,7 +141,7 @@ class Dispatcher:
         # Issue #6: each job is routed (local pool or Runway) and its cost recorded.
         local = LocalRayBackend(
             generator, postprocessor, app_name=settings.serve_app_name, prices=prices,
-            job_seconds_estimate=settings.local_job_seconds_estimate,
+            job_seconds_estimate=settings.local_job_seconds_estimate, deadline_s=settings.job_deadline_s,
         )
         self._providers = build_providers(settings, local, jobs, self._redis, keys)
         runner = JobRunner(
@@ -130,13 +155,16 @@ class Dispatcher:
             prices=prices,
         )
         self._consumer = queue_consumer(settings, runner)
-        # Issue #5: SIGTERM (via __del__ or drain()) and spot notices hand unfinished jobs back.
+        # SIGTERM (via __del__ or drain()) and a drain of this replica's own Ray node (a GPU pod
+        # going away, see serving.worker.node_drain) hand unfinished jobs back to the queue.
         self._drainer = dispatcher_drainer(self._consumer, jobs, self._redis, keys, settings.drain_grace_s)
-        self._watcher = watch_for_preemption(settings, self._drainer.drain)
+        self._node = NodeDrainWatch.for_this_replica(self._on_node_draining)
+        self._node.start()
         await self._consumer.start()
         await self._delivery.start()
         # Replicas wanted vs running, for the ingress's /metrics (which cannot reach Ray).
-        self._replicas = ReplicaReporter(self._redis, keys, settings.serve_app_name, settings.metrics_replicas_interval_s)
+        self._replicas = ReplicaReporter(self._redis, keys, settings.serve_app_name,
+                                         settings.metrics_replicas_interval_s, self._providers.router.breakers_open)
         self._replicas.start()
         log.info("dispatcher_started", queue=settings.queue_name)
 
@@ -155,10 +183,16 @@ class Dispatcher:
         """Stop taking jobs, finish those ending within the grace period, hand back the rest."""
         return await self._drainer.drain(reason)
 
+    async def _on_node_draining(self, state: DrainState) -> None:
+        if not self._drainer.draining:
+            # In the background: the watch keeps polling while the drain runs.
+            self._node_drain = asyncio.create_task(
+                self._drainer.drain("node draining", grace_s=state.seconds_left()), name="node-drain"
+            )
+
     async def __del__(self) -> None:
+        await self._node.aclose()
         await self._drainer.drain("shutdown")  # a no-op after an earlier drain()
-        if self._watcher is not None:
-            await self._watcher.aclose()
         await self._consumer.close(wait_for_active=False)
         await self._replicas.close()
         await self._delivery.aclose()
@@ -171,10 +205,16 @@ def build_app(settings: Settings) -> serve.Application:
     cpu_only = {"num_cpus": 0}
     generator = Generator.options(
         ray_actor_options={"num_cpus": 0, "num_gpus": settings.generator_num_gpus},
+        # A replica holds one batch; the rest wait at the handle, where a new replica (scale-out)
+        # or another node (drain) can take them, and where Serve's cold-start path sees them.
+        max_ongoing_requests=settings.max_batch_size,
         **generator_scaling_options(settings),
     ).bind(settings)
     postprocessor = PostProcessor.options(ray_actor_options=cpu_only).bind(settings)
-    # Serve waits this long for __del__ (the drain) before it kills the replica.
+    # Serve waits this long for __del__ (the drain) before it kills the replica. Pinned by a
+    # custom resource where the cluster offers one (the on-demand head on Kubernetes): a
+    # Dispatcher on a spot node would hand back every job of the cluster when that node goes.
+    dispatcher_actor = {**cpu_only, **({"resources": settings.dispatcher_resources} if settings.dispatcher_resources else {})}
     return Dispatcher.options(
-        ray_actor_options=cpu_only, graceful_shutdown_timeout_s=settings.drain_grace_s + 10
+        ray_actor_options=dispatcher_actor, graceful_shutdown_timeout_s=settings.drain_grace_s + 10
     ).bind(settings, generator, postprocessor)

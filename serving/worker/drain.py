@@ -93,14 +93,16 @@ class Drainer:
     def draining(self) -> bool:
         return self._task is not None
 
-    async def drain(self, reason: str) -> DrainReport:
+    async def drain(self, reason: str, grace_s: float | None = None) -> DrainReport:
+        """Drain once; `grace_s` shortens the grace period (a node that goes away sooner)."""
         if self._task is None:
-            self._task = asyncio.create_task(self._drain(reason), name="dispatcher-drain")
+            grace = self._grace_s if grace_s is None else max(0.0, min(self._grace_s, grace_s))
+            self._task = asyncio.create_task(self._drain(reason, grace), name="dispatcher-drain")
         return await asyncio.shield(self._task)
 
-    async def _drain(self, reason: str) -> DrainReport:
-        deadline = time.monotonic() + self._grace_s
-        log.warning("drain_started", reason=reason, grace_s=self._grace_s)
+    async def _drain(self, reason: str, grace_s: float) -> DrainReport:
+        deadline = time.monotonic() + grace_s
+        log.warning("drain_started", reason=reason, grace_s=grace_s)
         await self._consumer.stop_taking_jobs()
         report = DrainReport()
         keep: list[ActiveJob] = []

@@ -6,6 +6,7 @@ import functools
 import io
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import redis
 import structlog
@@ -18,7 +19,7 @@ from pipelines.batch import BatchItem, batch_cost, plan_batches
 from pipelines.options import EngineOptions, SizeBucket, preset
 from pipelines.errors import GenerationCanceled
 from pipelines.params import VideoParams
-from serving.errors import JobCanceled
+from serving.errors import JobCanceled, RunHandedBack
 from serving.events import SyncEventPublisher
 from serving.keys import PROGRESS_TTL_S, Keys
 from serving.metrics import BATCH_SIZE, DENOISING_STEP_SECONDS, MetricBatch
@@ -27,6 +28,8 @@ from serving.observability.tracing import job_span
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
 from serving.types import GenerationRequest, GenerationResult, Stage
+from serving.worker.drain import SAFETY, remaining_from_progress
+from serving.worker.node_drain import DrainState
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +39,15 @@ DENOISE_SHARE = 0.9
 ABANDONED_TTL_S = 3600.0
 
 PipelineLoader = Callable[[str, LoadOptions], VideoPipeline]
+
+
+@dataclass
+class _Run:
+    """A run this replica holds (queued in a batch or denoising), for node-drain decisions."""
+
+    job_id: str
+    started: float  # time.monotonic()
+    fraction: float = 0.0  # denoising progress 0..1
 
 
 def engine_options(settings: Settings) -> EngineOptions:
@@ -72,6 +84,11 @@ class GenerationService:
         )
         # Runs their dispatcher gave up (run id -> when): they stop at their next step.
         self._abandoned: dict[str, float] = {}
+        # Node drain (serving.worker.node_drain): runs held now, runs given back, the drain seen.
+        self._runs: dict[str, _Run] = {}
+        self._handed_back: set[str] = set()
+        self._draining: DrainState | None = None
+        self.node_id: str | None = None  # the Ray node, written beside each job's progress
 
     def warm_up(self, model: str) -> None:
         """Load weights (and compile, when the preset compiles) before the replica reports ready."""
@@ -83,8 +100,14 @@ class GenerationService:
             bucket = SizeBucket(spec.native_width, spec.native_height, spec.default_num_frames)
             pipeline.warm_up([bucket], max_batch_size=self._settings.max_batch_size)
         # The device gauges exist (0 on CPU) from the start, before the first job.
+        self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        """Write the device gauges again (the Generator does on every health check): a gauge
+        nobody refreshes goes stale, which is how a reclaimed node's GPU leaves the dashboard."""
         batch = MetricBatch(self._keys)
-        record_device(batch, pipeline.device)
+        for device in sorted({p.device for p in self._pipelines.values()}):
+            record_device(batch, device)
         batch.flush(self._redis)
 
     def _pipeline(self, model: str) -> VideoPipeline:
@@ -94,11 +117,17 @@ class GenerationService:
             log.info("pipeline_loaded", model=model, seconds=round(time.perf_counter() - started, 2))
         return self._pipelines[model]
 
-    def _report(self, job_id: str, step: int, steps: int) -> None:
+    def _report(self, job_id: str, step: int, steps: int, run_id: str | None = None) -> None:
         key = self._keys.progress(job_id)
         fraction = DENOISE_SHARE * step / max(steps, 1)
-        self._redis.hset(key, mapping={"progress": f"{fraction:.4f}", "stage": Stage.DENOISING.value,
-                                       "step": step, "steps": steps})
+        run = self._runs.get(run_id) if run_id is not None else None
+        if run is not None:
+            run.fraction = step / max(steps, 1)
+        fields: dict[str, str | int] = {"progress": f"{fraction:.4f}", "stage": Stage.DENOISING.value,
+                                        "step": step, "steps": steps}
+        if self.node_id is not None:
+            fields["node"] = self.node_id
+        self._redis.hset(key, mapping=fields)
         self._redis.expire(key, PROGRESS_TTL_S)
         try:
             self._events.progress(job_id, stage=Stage.DENOISING.value, progress=fraction, step=step, steps=steps)
@@ -126,7 +155,38 @@ class GenerationService:
         self._abandoned[run_id] = now
 
     def _stopped(self, request: GenerationRequest) -> bool:
-        return request.run_id in self._abandoned or self._canceled(request.job_id)
+        return (
+            request.run_id in self._abandoned
+            or request.run_id in self._handed_back
+            or self._canceled(request.job_id)
+        )
+
+    @property
+    def accepting(self) -> bool:
+        """False once this replica's node is draining: new runs belong on another node."""
+        return self._draining is None
+
+    def node_draining(self, state: DrainState) -> list[str]:
+        """This replica's node is draining (called on every drain poll): stop taking runs, keep
+        the runs expected to end before the deadline (with a margin), hand back the others; they
+        stop at their next step and their dispatcher runs them on another node. Returns the job
+        ids handed back by this call. Without a deadline every run may finish (Serve waits)."""
+        self._draining = state
+        left = state.seconds_left()
+        if left is None:
+            return []
+        now = time.monotonic()
+        given: list[str] = []
+        for run_id, run in list(self._runs.items()):
+            if run_id in self._handed_back or run_id in self._abandoned:
+                continue
+            remaining = remaining_from_progress(now - run.started, run.fraction)
+            if remaining is None or remaining > SAFETY * left:
+                self._handed_back.add(run_id)
+                given.append(run.job_id)
+        if given:
+            log.warning("runs_handed_back", job_ids=given, seconds_left=round(left, 1))
+        return given
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request on its own (a batch of one)."""
@@ -198,25 +258,29 @@ class GenerationService:
         step_times: list[float] = []
         last_step: list[float | None] = [None]
 
-        def progress_for(job_id: str, timed: bool) -> Callable[[int, int], None]:
+        def progress_for(request: GenerationRequest, timed: bool) -> Callable[[int, int], None]:
             def on_progress(step: int, steps: int) -> None:
                 if timed:
                     now = time.perf_counter()
                     if last_step[0] is not None:
                         step_times.append(now - last_step[0])
                     last_step[0] = now
-                self._report(job_id, step, steps)
+                self._report(request.job_id, step, steps, request.run_id)
 
             return on_progress
 
         items = [
             BatchItem(
                 params=p,
-                on_progress=progress_for(r.job_id, timed=index == 0),
+                on_progress=progress_for(r, timed=index == 0),
                 should_cancel=functools.partial(self._stopped, r),
             )
             for index, (r, p) in enumerate(zip(requests, params, strict=True))
         ]
+        for request in requests:
+            self._runs[request.run_id] = _Run(request.job_id, time.monotonic())
+        if self._draining is not None:
+            self.node_draining(self._draining)  # runs that waited for batch-mates while the drain began
         started = time.perf_counter()
         job_ids = [r.job_id for r in requests]
         try:
@@ -227,15 +291,20 @@ class GenerationService:
             return [exc for _ in requests]
         finally:
             self._record_metrics(model, pipeline.device, step_times, batch_size=len(requests))
+            handed_back = {r.run_id for r in requests if r.run_id in self._handed_back}
             for request in requests:
                 self._abandoned.pop(request.run_id, None)
+                self._runs.pop(request.run_id, None)
+                self._handed_back.discard(request.run_id)
         seconds = time.perf_counter() - started
         total_cost = sum(batch_cost(p) for p in params) or 1
         log.info("generation_done", model=model, batch_size=len(requests), steps=len(step_times),
                  seconds=round(seconds, 3), job_ids=job_ids)
         results: list[GenerationResult | BaseException] = []
         for request, p, outcome in zip(requests, params, outcomes, strict=True):
-            if isinstance(outcome.error, GenerationCanceled):
+            if isinstance(outcome.error, GenerationCanceled) and request.run_id in handed_back:
+                results.append(RunHandedBack(f"Job {request.job_id} was handed back: node {self.node_id} is draining."))
+            elif isinstance(outcome.error, GenerationCanceled):
                 results.append(JobCanceled(f"Job {request.job_id} was canceled during generation."))
             elif outcome.error is not None or outcome.frames is None:
                 results.append(outcome.error or RuntimeError("the engine returned no frames"))

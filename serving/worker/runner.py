@@ -159,6 +159,8 @@ class JobRunner:
                 raise
             log.warning("job_falling_back", job_id=record.id, provider=fallback.provider, error=repr(exc))
             await self._jobs.record_routing(record.id, provider=fallback.provider, routing_reason=fallback.reason.value)
+            if self._metrics is not None:
+                await self._metrics.routed(fallback.provider, fallback.reason.value)
             return await self._render_on(fallback.provider, job)
 
     async def _render_on(self, provider: str, job: RenderJob) -> RenderOutcome:

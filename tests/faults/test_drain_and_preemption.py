@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,7 +16,14 @@ from serving.keys import Keys
 from serving.queue import ConsumedJobInfo, JobQueue, QueueConsumer
 from serving.types import Priority, QueuedJob
 from serving.worker.drain import Drainer, progress_estimate, remaining_from_progress
-from serving.worker.preemption import AwsSpotNotice, GcpPreemptionNotice, PreemptionWatcher, TriggeredNotice
+from serving.worker.preemption import (
+    AwsSpotNotice,
+    GcpPreemptionNotice,
+    Notice,
+    PreemptionWatcher,
+    TriggeredNotice,
+    watch_and_drain,
+)
 
 WAIT_S = 10.0
 
@@ -121,6 +129,7 @@ class MetadataServer:
     def __init__(self) -> None:
         self.aws_action: str | None = None
         self.gcp_preempted = False
+        self.gcp_maintenance = "NONE"
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -144,6 +153,11 @@ class MetadataServer:
                         self._answer(403, b"")
                     else:
                         self._answer(200, b"TRUE" if server.gcp_preempted else b"FALSE")
+                elif self.path == "/computeMetadata/v1/instance/maintenance-event":
+                    if self.headers.get("Metadata-Flavor") != "Google":
+                        self._answer(403, b"")
+                    else:
+                        self._answer(200, server.gcp_maintenance.encode())
                 else:
                     self._answer(404, b"")
 
@@ -174,27 +188,51 @@ async def test_aws_notice(metadata: MetadataServer) -> None:
     try:
         assert await notice.check() is None
         metadata.aws_action = "terminate"
-        assert await notice.check() == "aws spot terminate at 2026-11-25T16:00:00Z"
+        found = await notice.check()
+        assert found is not None and found.reason == "aws spot terminate at 2026-11-25T16:00:00Z"
+        assert found.deadline == datetime(2026, 11, 25, 16, tzinfo=timezone.utc).timestamp()  # AWS's own time
     finally:
         await notice.aclose()
 
 
-async def test_gcp_notice(metadata: MetadataServer) -> None:
+async def test_gcp_notices(metadata: MetadataServer) -> None:
     notice = GcpPreemptionNotice(metadata.url)
     try:
         assert await notice.check() is None
+        metadata.gcp_maintenance = "TERMINATE_ON_HOST_MAINTENANCE"  # GPU VMs cannot live-migrate
+        found = await notice.check()
+        assert found is not None and found.reason == "gcp maintenance terminate_on_host_maintenance"
+        assert 50 < found.seconds_left() <= 60
         metadata.gcp_preempted = True
-        assert await notice.check() == "gcp preemption"
+        found = await notice.check()
+        assert found is not None and found.reason == "gcp preemption" and 20 < found.seconds_left() <= 30
     finally:
         await notice.aclose()
+
+
+async def test_spot_watch_drains_its_own_node_with_the_notices_deadline(metadata: MetadataServer) -> None:
+    drains: list[tuple[str, float | None, str]] = []
+
+    class Nodes:
+        def drain(self, node_id: str, *, deadline_s: float | None, message: str) -> None:
+            drains.append((node_id, deadline_s, message))
+
+    metadata.gcp_preempted = True
+    notice = await asyncio.wait_for(
+        watch_and_drain(GcpPreemptionNotice(metadata.url), Nodes(), "node-1", poll_s=0.02, margin_s=5), WAIT_S
+    )
+    assert notice.reason == "gcp preemption"
+    ((node, deadline_s, message),) = drains
+    assert node == "node-1" and message == "gcp preemption"
+    assert deadline_s is not None and 15 < deadline_s <= 25  # 30 s notice less the 5 s margin
 
 
 async def test_watcher_starts_the_drain_once(metadata: MetadataServer) -> None:
     reasons: list[str] = []
     called = asyncio.Event()
 
-    async def on_notice(reason: str) -> None:
-        reasons.append(reason)
+    async def on_notice(notice: Notice) -> None:
+        reasons.append(notice.reason)
         called.set()
 
     watcher = PreemptionWatcher(AwsSpotNotice(metadata.url), on_notice, poll_s=0.02)

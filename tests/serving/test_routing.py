@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from serving.backend import ProviderOutcome, StageCallback
@@ -21,8 +20,10 @@ from serving.db.jobs import JobRepository
 from serving.db.migrate import upgrade
 from serving.errors import PermanentError, ProviderUnavailable, RetryableError
 from serving.keys import Keys
+from serving.metrics import read_worker_metrics
+from serving.observability.job_metrics import JobMetrics
 from serving.providers.breaker import BreakerState, CircuitBreaker
-from serving.providers.health import LocalHealth
+from serving.providers.health import LocalHealth, PoolState, pool_state_of
 from serving.providers.router import (
     ProviderRouter,
     RoutingDecision,
@@ -139,6 +140,53 @@ async def test_local_health_counts_time_without_a_healthy_replica() -> None:
     assert health.unhealthy_for_s() == 0
 
 
+async def test_a_cold_start_is_not_an_unhealthy_pool_until_its_allowance() -> None:
+    """Scaled to zero (idle) and on its way up (starting) are not "down": a new spot node needs
+    minutes for boot, image and weights, and a job sent to it runs as soon as it is ready."""
+    clock = Clock()
+    states = [PoolState.IDLE, PoolState.STARTING, PoolState.STARTING, PoolState.STARTING, PoolState.READY,
+              PoolState.DOWN, PoolState.DOWN]
+
+    async def probe() -> PoolState:
+        return states.pop(0)
+
+    health = LocalHealth(probe, min_interval_s=0, cold_start_allowance_s=600, clock=clock)
+    await health.refresh()
+    assert health.unhealthy_for_s() == 0  # scaled to zero: the job itself brings a replica up
+    clock.now += 10
+    await health.refresh()  # the cold start begins
+    clock.now += 590
+    await health.refresh()
+    assert health.unhealthy_for_s() == 0  # 590 s into a 600 s allowance
+    clock.now += 70
+    await health.refresh()
+    assert health.unhealthy_for_s() == 60  # past the allowance, it counts
+    clock.now += 5
+    await health.refresh()
+    assert health.unhealthy_for_s() == 0  # ready
+    clock.now += 5
+    await health.refresh()
+    clock.now += 61
+    await health.refresh()
+    assert health.unhealthy_for_s() == 61  # down counts from the start, no allowance
+
+
+@pytest.mark.parametrize(
+    ("status", "replicas", "state"),
+    [
+        ("HEALTHY", {"RUNNING": 2}, PoolState.READY),
+        ("UPSCALING", {"RUNNING": 1, "STARTING": 2}, PoolState.READY),
+        ("HEALTHY", {}, PoolState.IDLE),  # scaled to zero
+        ("DeploymentStatus.UPSCALING", {"ReplicaState.STARTING": 1}, PoolState.STARTING),  # cold start
+        ("UPSCALING", {}, PoolState.STARTING),  # wanted, not placed yet (no GPU node)
+        ("UNHEALTHY", {"STARTING": 1}, PoolState.DOWN),
+        ("DEPLOY_FAILED", {}, PoolState.DOWN),
+    ],
+)
+def test_pool_state_from_serve_status(status: str, replicas: dict[str, int], state: PoolState) -> None:
+    assert pool_state_of(status, replicas) is state
+
+
 # The runner with a router ----------------------------------------------------------------------
 
 
@@ -183,7 +231,8 @@ class Env:
 
     def runner(self, router: ProviderRouter, local: Scripted) -> JobRunner:
         prices = Prices.from_settings(self.settings)
-        return JobRunner(self.jobs, local, self.redis, self.keys, router=router, prices=prices)
+        metrics = JobMetrics(self.redis, self.keys, self.settings.gpu_hour_price_usd)
+        return JobRunner(self.jobs, local, self.redis, self.keys, metrics=metrics, router=router, prices=prices)
 
 
 @pytest.fixture
@@ -207,22 +256,25 @@ def info(attempt: int, max_attempts: int = 3) -> ConsumedJobInfo:
     return ConsumedJobInfo(attempt=attempt, max_attempts=max_attempts)
 
 
-def routed(provider: str, reason: str) -> float:
-    value = REGISTRY.get_sample_value("svd_routing_decisions_total", {"provider": provider, "reason": reason})
-    return value or 0.0
+async def routed(env: Env, provider: str, reason: str) -> float:
+    """The routing counter as the exporter reads it from Redis (serving.metrics)."""
+    families = await read_worker_metrics(env.redis, env.keys)
+    family = next(f for f in families if f.name == "svd_provider_routing_decisions")
+    return sum(s.value for s in family.samples
+               if s.name.endswith("_total") and s.labels == {"provider": provider, "reason": reason})
 
 
 async def test_auto_stays_local_and_records_gpu_cost(env: Env) -> None:
     local, runway = Scripted("local"), Scripted("runway", credits=25)
     router = ProviderRouter.from_settings(env.settings, {"local": local, "runway": runway})
-    before = routed("local", "default")
+    before = await routed(env, "local", "default")
     job_id = await env.new_job()
     await env.runner(router, local).handle(QueuedJob(job_id, "o1"), info(1))
     job = await env.jobs.get(job_id)
     assert job is not None and job.status is JobStatus.COMPLETED
     assert (job.provider, job.routing_reason) == ("local", "default") and runway.calls == []
     assert job.cost_usd == pytest.approx(0.02) and job.provider_credits is None  # 36 s at $2/h
-    assert routed("local", "default") == before + 1
+    assert await routed(env, "local", "default") == before + 1
 
 
 async def test_local_failure_on_last_attempt_falls_back_to_runway(env: Env) -> None:
@@ -316,6 +368,9 @@ async def test_dispatcher_builds_runway_only_with_a_key(env: Env, redis_url: str
     class Local(Scripted):
         async def health(self) -> bool:
             return True
+
+        async def pool_state(self) -> PoolState:
+            return PoolState.READY
 
         def estimate_cost(self, params: JobParams) -> CostEstimate:
             return CostEstimate("local", 0.0)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +14,13 @@ import pytest
 import redis
 from PIL import Image
 
-from serving.errors import JobCanceled
+from serving.errors import JobCanceled, RunHandedBack
 from serving.keys import Keys
 from serving.settings import Settings
 from serving.storage import LocalStorage
 from serving.types import GenerationRequest, JobParams, PostProcessRequest
 from serving.worker.generation import GenerationService
+from serving.worker.node_drain import DrainState
 from serving.worker.postprocessing import PostProcessingService
 
 PARAMS = JobParams(
@@ -113,3 +118,43 @@ def test_generate_many_batches_compatible_requests_and_isolates_failures(setting
     # A request's video does not depend on its batch-mates.
     single = GenerationService(settings).generate(GenerationRequest("b5", image_key, PARAMS))
     np.testing.assert_allclose(single.frames.astype(int), first.frames.astype(int), atol=1)
+
+
+class GatedService(GenerationService):
+    """Holds the denoising after its first step until the test opens the gate (a drain decided
+    in the middle of a run, without guessing how fast the machine is)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.first_step = threading.Event()
+        self.gate = threading.Event()
+
+    def _report(self, job_id: str, step: int, steps: int, run_id: str | None = None) -> None:
+        super()._report(job_id, step, steps, run_id)
+        self.first_step.set()
+        assert self.gate.wait(60)
+
+
+@pytest.mark.parametrize("seconds_left", [0.5, 3600.0])
+def test_node_drain_hands_back_the_runs_that_would_miss_the_deadline(
+    settings: Settings, image_key: str, seconds_left: float
+) -> None:
+    """A run one step into ten cannot finish in half a second: handed back (its dispatcher runs it
+    on another node); with an hour left it finishes here. Either way no new run is taken."""
+    service = GatedService(settings)
+    service.node_id = "node-a"
+    request = GenerationRequest("jd", image_key, dataclasses.replace(PARAMS, num_inference_steps=10))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(service.generate_many, [request])
+        assert service.first_step.wait(60)
+        handed = service.node_draining(DrainState(deadline=time.time() + seconds_left))
+        service.gate.set()
+        (outcome,) = running.result(timeout=120)
+    assert not service.accepting
+    if seconds_left < 1:
+        assert handed == ["jd"] and isinstance(outcome, RunHandedBack) and "node-a" in str(outcome)
+    else:
+        assert handed == [] and not isinstance(outcome, BaseException)
+        assert outcome.frames.shape == (5, 64, 128, 3)
+    progress = redis.Redis.from_url(settings.redis_url or "").hgetall(Keys(settings.key_prefix).progress("jd"))
+    assert progress[b"node"] == b"node-a"  # where the run ran, for operators
