@@ -17,8 +17,10 @@
 - `{prefix}:drain:{queue}`  hash {ts -> jobs finished}: per-second completion counts of the queue,
   the measured drain rate behind Retry-After and start estimates (`serving.backpressure`).
 - `{prefix}:metrics:{metric name}`  hash {sample suffix + label values -> number}: worker-side
-  Prometheus metrics aggregated across replicas (HINCRBYFLOAT), exported by the ingress
-  (`serving.metrics`); gauge hashes expire when no replica refreshes them.
+  Prometheus metrics aggregated across replicas (HINCRBYFLOAT), exported once by
+  `svd-serve exporter` (`serving.metrics`); gauge hashes expire when no replica refreshes them.
+- `{prefix}:metrics:{metric name}:ts`  hash {gauge field -> epoch s}: when each gauge label set was
+  last written; the reader drops stale ones (a gone node's GPU gauges).
 - BullMQ keeps its own keys under `bull:{queue_name}:*` (its format, readable by Node tooling).
 """
 
@@ -68,3 +70,6 @@ class Keys:
 
     def metric(self, name: str) -> str:
         return f"{self.prefix}:metrics:{name}"
+
+    def metric_stamps(self, name: str) -> str:
+        return f"{self.prefix}:metrics:{name}:ts"

@@ -10,20 +10,24 @@ Two kinds live here, because the processes that see an event are not the one tha
   per metric (`Keys.metric`), one field per label set and sample, updated with HINCRBYFLOAT
   (counters, histogram buckets, sums, counts) or HSET (gauges). HINCRBYFLOAT is atomic, so any
   number of replicas on any number of nodes may write at once: this is the multiprocess-safe
-  registry. The ingress reads the hashes on every scrape of `/metrics` (`read_worker_metrics`)
-  and renders them as ordinary families, so one ServiceMonitor on the ingress sees everything.
-  Histogram fields hold per-bucket (not cumulative) counts; the reader accumulates them.
-  Counters only ever grow (a Redis flush resets them, which Prometheus' `rate()` treats like a
-  process restart). Gauges are per replica state; their hash expires when nobody refreshes it.
+  registry. Histogram fields hold per-bucket (not cumulative) counts; the reader accumulates
+  them. Counters only ever grow (a Redis flush resets them, which Prometheus' `rate()` treats
+  like a process restart). A gauge field carries its write time (`Keys.metric_stamps`): a label
+  set nobody refreshed for `GAUGE_TTL_S` (a reclaimed spot node's GPU) is dropped on read, so
+  writers refresh their gauges periodically.
 
-Queue gauges (depth and oldest-job age per priority) are computed from the queue itself on each
-scrape (`serving.observability.queue_gauges`), and replica counts come from Ray Serve's controller
-(`serving.observability.replicas`).
+Those Redis-held families (worker metrics and the queue gauges of
+`serving.observability.queue_gauges`) are exported **once**, by `svd-serve exporter` (one
+replica on Kubernetes), not by every ingress pod: a scrape of each of N ingress pods would
+multiply every `sum()` by N. The ingress's `/metrics` carries its own process metrics, plus the
+shared families only where it is the one process that serves them (`svd-serve up`,
+`metrics_shared_on_ingress`). See `serving.observability.exporter`.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -149,15 +153,15 @@ OWNER_GPU_SECONDS = WorkerMetric(
     "svd_owner_gpu_seconds_total", Kind.COUNTER, "GPU (accelerator) seconds of completed jobs per owner", ("owner",)
 )
 
-AUTOSCALE_DESIRED_REPLICAS = WorkerMetric(
-    "svd_autoscaling_desired_replicas",
-    Kind.GAUGE,
-    "Generator replicas the queue-depth policy asks for, before Ray Serve's delays",
-    ("deployment",),
+APP_RUNNING = WorkerMetric(
+    "svd_serve_application_running", Kind.GAUGE, "1 while the Ray Serve application is RUNNING", ("application",)
+)
+BREAKER_OPEN = WorkerMetric(
+    "svd_provider_breaker_open", Kind.GAUGE, "1 while a provider's circuit breaker is open (per Dispatcher)",
+    ("provider",),
 )
 
 WORKER_METRICS: tuple[WorkerMetric, ...] = (
-    AUTOSCALE_DESIRED_REPLICAS,
     JOB_STAGE_SECONDS,
     JOBS_FINISHED,
     DENOISING_STEP_SECONDS,
@@ -167,6 +171,8 @@ WORKER_METRICS: tuple[WorkerMetric, ...] = (
     GPU_UTILIZATION,
     REPLICAS_WANTED,
     REPLICAS_RUNNING,
+    APP_RUNNING,
+    BREAKER_OPEN,
     PROVIDER_ROUTING,
     WEBHOOK_ATTEMPTS,
     WEBHOOK_FAILURES,
@@ -175,8 +181,9 @@ WORKER_METRICS: tuple[WorkerMetric, ...] = (
     OWNER_COST_USD,
     OWNER_GPU_SECONDS,
 )
-# A gauge hash nobody refreshed for this long belongs to replicas that are gone.
-GAUGE_TTL_S = 600
+# A gauge label set nobody refreshed for this long belongs to replicas (or nodes) that are gone;
+# writers refresh theirs well within it (replica counts every 15 s, GPU gauges on every health check).
+GAUGE_TTL_S = 120
 
 _SEP = "\t"  # between the sample suffix and the label JSON; never in a suffix
 
@@ -230,19 +237,22 @@ class MetricBatch:
     def set(self, metric: WorkerMetric, labels: Mapping[str, str], value: float) -> None:
         if metric.kind is not Kind.GAUGE:
             raise TypeError(f"{metric.name} is a {metric.kind.value}, not a gauge")
-        self._ops.append(("set", self._keys.metric(metric.name), _SEP + _labels_field(metric, labels), value))
+        self._ops.append(("set", metric.name, _SEP + _labels_field(metric, labels), value))
 
     def apply(self, pipe: MetricsPipeline) -> None:
         """Queue the batch's commands on `pipe` (the caller executes it)."""
-        gauge_keys: set[str] = set()
+        now = repr(time.time())
+        gauges: set[str] = set()
         for op, key, field_, value in self._ops:
             if op == "incr":
                 pipe.hincrbyfloat(key, field_, value)
-            else:
-                pipe.hset(key, field_, repr(float(value)))
-                gauge_keys.add(key)
-        for key in gauge_keys:
-            pipe.expire(key, GAUGE_TTL_S)
+            else:  # a gauge: `key` is the metric's name; its value and its write time
+                pipe.hset(self._keys.metric(key), field_, repr(float(value)))
+                pipe.hset(self._keys.metric_stamps(key), field_, now)
+                gauges.add(key)
+        for name in gauges:
+            pipe.expire(self._keys.metric(name), GAUGE_TTL_S)
+            pipe.expire(self._keys.metric_stamps(name), GAUGE_TTL_S)
 
     def flush(self, client: redis.Redis) -> None:
         """Send with a synchronous client (Generator, PostProcessor threads)."""
@@ -275,8 +285,16 @@ async def read_worker_metrics(client: aioredis.Redis, keys: Keys) -> list[Metric
     async with client.pipeline(transaction=False) as pipe:
         for metric in WORKER_METRICS:
             pipe.hgetall(keys.metric(metric.name))
-        hashes: list[dict[bytes | str, bytes | str]] = await pipe.execute()
-    return [to_family(metric, _decode(raw)) for metric, raw in zip(WORKER_METRICS, hashes, strict=False)]
+            pipe.hgetall(keys.metric_stamps(metric.name))
+        replies: list[dict[bytes | str, bytes | str]] = await pipe.execute()
+    now = time.time()
+    families = []
+    for index, metric in enumerate(WORKER_METRICS):
+        fields, stamps = _decode(replies[2 * index]), _decode(replies[2 * index + 1])
+        if metric.kind is Kind.GAUGE:
+            fields = {k: v for k, v in fields.items() if now - stamps.get(k, now) <= GAUGE_TTL_S}
+        families.append(to_family(metric, fields))
+    return families
 
 
 def _decode(raw: Mapping[bytes | str, bytes | str]) -> dict[str, float]:

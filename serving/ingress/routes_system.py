@@ -7,8 +7,7 @@ import asyncio
 import structlog
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.registry import list_specs
 from serving.db.migrate import check_migrated
@@ -16,8 +15,7 @@ from serving.errors import NotFound, SvdServeError
 from serving.ingress.deps import OwnerDep, ServicesDep
 from serving.ingress.problems import problem
 from serving.ingress.schemas import ModelInfo, ModelListResponse
-from serving.metrics import StaticCollector, read_worker_metrics
-from serving.observability.queue_gauges import queue_families
+from serving.observability.exporter import render, shared_families
 from serving.storage import LocalStorage
 
 log = structlog.get_logger(__name__)
@@ -53,23 +51,12 @@ async def readyz(services: ServicesDep) -> Response:
 @router.get("/metrics", tags=["system"], response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format"}})
 async def metrics(services: ServicesDep) -> Response:
-    # This process's own metrics, then what lives in Redis: the queue's gauges and the worker
-    # metrics that Ray Serve replicas aggregate there (see serving.metrics). Without Redis the
-    # scrape still answers with the local part, and `svd_metrics_redis_up` says so.
-    shared = CollectorRegistry(auto_describe=False)
-    families: list[Metric] = []
-    try:
-        families = [
-            *await queue_families(services.redis, services.queue),
-            *await read_worker_metrics(services.redis, services.keys),
-        ]
-        up = 1.0
-    except Exception as exc:  # a scrape reports, it does not fail
-        log.warning("metrics_redis_read_failed", error=repr(exc))
-        up = 0.0
-    families.append(GaugeMetricFamily("svd_metrics_redis_up", "1 when Redis-held metrics could be read", value=up))
-    shared.register(StaticCollector(families))
-    return Response(generate_latest() + generate_latest(shared), media_type=CONTENT_TYPE_LATEST)
+    # This process's own metrics; the Redis-held ones (queue gauges, worker metrics) only where
+    # this ingress is their one exporter (serving.observability.exporter explains why).
+    body = generate_latest()
+    if services.settings.metrics_shared_on_ingress:
+        body += render(await shared_families(services.redis, services.queue, services.keys))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/v1/models", response_model=ModelListResponse, response_model_by_alias=True, tags=["models"])
