@@ -28,8 +28,10 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.e2e, pytest.mar
 
 SAMPLE = Path(__file__).resolve().parents[2] / "serving" / "assets" / "sample.png"
 LEASE_MS = 4000
-# Slow enough on two CPU cores that a signal lands mid-denoising, fast enough to run three times.
-SLOW_JOB = {"numFrames": "8", "numInferenceSteps": "16", "width": "256", "height": "256"}
+# Many cheap steps: the first half of the denoising is a wide window for a signal on two busy
+# cores, and a run still fits the suite's time three times over.
+SLOW_JOB = {"numFrames": "4", "numInferenceSteps": "40", "width": "64", "height": "64"}
+CATCH_ROUNDS = 3
 
 
 async def submit(client: httpx.AsyncClient, webhook_url: str) -> str:
@@ -42,17 +44,32 @@ async def submit(client: httpx.AsyncClient, webhook_url: str) -> str:
 
 
 async def wait_denoising(redis: aioredis.Redis, keys: Keys, job_ids: list[str], worker: WorkerProc,
-                         timeout_s: float = 120) -> None:
-    """Until every job has taken at least one denoising step (and not its last)."""
+                         timeout_s: float = 180) -> bool:
+    """Until every job has taken at least one denoising step. True when each was still in the
+    first half of its steps when seen (a signal now lands mid-denoising); False when the test was
+    starved so long that one had gone further."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         steps = [await redis.hmget(keys.progress(j), "step", "steps") for j in job_ids]
         if all(step and int(step) >= 1 for step, _ in steps):
-            assert all(int(step) < int(total) for step, total in steps), steps  # type: ignore[arg-type]
-            return
+            return all(2 * int(step) <= int(total) for step, total in steps)  # type: ignore[arg-type]
         assert worker.proc.poll() is None, "".join(worker.lines[-40:])
         await asyncio.sleep(0.1)  # polling the progress hashes, bounded by the deadline
     raise TimeoutError(f"jobs never denoising: {steps}\n{''.join(worker.lines[-40:])}")
+
+
+async def submit_mid_denoising(client: httpx.AsyncClient, stack: FaultStack, redis: aioredis.Redis, keys: Keys,
+                               worker: WorkerProc, count: int = 1) -> list[str]:
+    """Submit `count` jobs and return once all are in the first half of their denoising. Never
+    assumes how fast the machine is: jobs seen too late are let finish (checked) and new ones
+    submitted, a few rounds at most."""
+    for _ in range(CATCH_ROUNDS):
+        job_ids = [await submit(client, stack.receiver.url) for _ in range(count)]
+        if await wait_denoising(redis, keys, job_ids, worker):
+            return job_ids
+        records = await stack.wait_terminal(job_ids, timeout_s=180)
+        assert all(r.status is JobStatus.COMPLETED for r in records.values()), records
+    raise AssertionError(f"no job caught in the first half of its denoising in {CATCH_ROUNDS} rounds")
 
 
 def replica_pids(app: str, deployment: str = "") -> list[int]:
@@ -100,14 +117,13 @@ async def test_ray_worker_killed_or_stopped_mid_job_loses_nothing(
     redis = aioredis.Redis.from_url(redis_url)
     app = f"faults-{stack.prefix}"  # not the name another test's Ray cluster uses
     worker_settings = {"lock_duration_ms": LEASE_MS, "dispatcher_concurrency": 2, "max_batch_size": 2,
-                       "drain_grace_s": 0.5, "log_level": "INFO", "serve_app_name": app}
+                       "drain_grace_s": 0.0, "log_level": "INFO", "serve_app_name": app}
     try:
         async with ingress.client() as client:
             # 1. Node loss mid-denoising: the job goes back after its lease lapses and completes
             # on the next worker, once, with one completion webhook and one set of objects.
             first = stack.start_ray_worker(data_dir, **worker_settings)
-            lost = await submit(client, stack.receiver.url)
-            await wait_denoising(redis, keys, [lost], first)
+            (lost,) = await submit_mid_denoising(client, stack, redis, keys, first)
             kill_node(first, app)
             second = stack.start_ray_worker(data_dir, **worker_settings)
             records = await stack.wait_terminal([lost], timeout_s=180)
@@ -121,8 +137,7 @@ async def test_ray_worker_killed_or_stopped_mid_job_loses_nothing(
 
             # 4. SIGTERM with two jobs in hand, far from done: both go back to the queue at once
             # (long before their lease could lapse) and the next worker completes them.
-            in_hand = [await submit(client, stack.receiver.url) for _ in range(2)]
-            await wait_denoising(redis, keys, in_hand, second)
+            in_hand = await submit_mid_denoising(client, stack, redis, keys, second, count=2)
             second.signal(signal.SIGTERM)
             assert second.wait(60) == 0, "".join(second.lines[-40:])
             for job_id in in_hand:
@@ -144,8 +159,7 @@ async def test_ray_worker_killed_or_stopped_mid_job_loses_nothing(
 
             # A Generator replica dies mid-job, its worker lives on: the attempt fails, Ray Serve
             # starts a new replica, and the job's next attempt completes there.
-            crashed = await submit(client, stack.receiver.url)
-            await wait_denoising(redis, keys, [crashed], third)
+            (crashed,) = await submit_mid_denoising(client, stack, redis, keys, third)
             kill_replica(app, "Generator")
             records = await stack.wait_terminal([crashed], timeout_s=180)
             assert records[crashed].status is JobStatus.COMPLETED, records[crashed]
