@@ -52,3 +52,39 @@ async def test_load_then_drain(stack: FaultStack, tmp_path: Path) -> None:
     assert summary["errors"] == 0 and summary["accepted"] >= 8
     assert summary["completed"] == summary["accepted"] and summary["unfinished"] == 0
     assert 0 < summary["submit_latency_p50_s"] <= summary["submit_latency_p99_s"]
+
+
+def test_spike_profile_concentrates_arrivals_in_the_middle() -> None:
+    offsets = loadtest.arrival_offsets("spike", rate=1.0, duration_s=100, spike_factor=10)
+    spike = [t for t in offsets if 40 <= t < 60]
+    assert len(spike) == pytest.approx(200, abs=2) and len(offsets) - len(spike) == pytest.approx(80, abs=2)
+    assert offsets == sorted(offsets) and offsets[-1] < 100
+    assert loadtest.arrival_offsets("constant", rate=2.0, duration_s=3) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    with pytest.raises(ValueError, match="unknown profile"):
+        loadtest.arrival_offsets("burst", 1.0, 10)
+
+
+def test_read_sample_takes_the_generator_and_the_whole_queue() -> None:
+    text = (
+        'svd_queue_depth_jobs{priority="high"} 2.0\nsvd_queue_depth_jobs{priority="normal"} 5.0\n'
+        'svd_serve_replicas_wanted{deployment="Generator"} 3.0\nsvd_serve_replicas_wanted{deployment="Dispatcher"} 1.0\n'
+        'svd_serve_replicas_running{deployment="Generator"} 2.0\n'
+    )
+    sample = loadtest.read_sample(text, 12.345)
+    assert (sample.t, sample.queue_depth, sample.wanted, sample.running) == (12.35, 7.0, 3.0, 2.0)
+
+
+@pytest.mark.slow
+async def test_spike_load_samples_the_queue_and_draws_it(stack: FaultStack, tmp_path: Path) -> None:
+    ingress = stack.start_ingress(tmp_path / "ingress")
+    stack.start_worker(step_s=0.05, steps=4, dispatcher_concurrency=1)
+    result = await run_load(ingress.base_url, API_KEY, rate=1, duration_s=5, drain_timeout_s=60, poll_s=0.1,
+                            profile="spike", spike_factor=8, metrics_url=ingress.base_url, sample_s=0.2)
+    summary = summarize(result)
+    assert summary["errors"] == 0 and summary["completed"] == summary["accepted"] >= 10
+    depths = [s.queue_depth for s in result.samples]
+    assert depths and all(d is not None for d in depths)
+    assert max(d for d in depths if d is not None) >= 1  # the spike queued jobs behind the one worker slot
+    chart = tmp_path / "spike.png"
+    loadtest.draw(result.samples, result.arrivals, chart, "spike")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
