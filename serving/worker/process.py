@@ -20,7 +20,9 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> None:
 
     stop = stop or threading.Event()
     ray.init(
-        address=settings.ray_address,
+        # "local": a Ray of our own, never whatever cluster `ray start` left on this machine (ray.init
+        # with no address would join it, through /tmp/ray/ray_current_cluster).
+        address=settings.ray_address or "local",
         num_cpus=settings.ray_num_cpus if not settings.ray_address else None,
         include_dashboard=False,
         log_to_driver=True,
