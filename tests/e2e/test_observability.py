@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.local_stack import free_port
 from tests.e2e.conftest import Stack
 from tests.e2e.test_spine import submit, wait_status
 
@@ -129,3 +132,57 @@ def test_metrics_and_logs_after_a_job(e2e_stack: Stack) -> None:
     strays = [e for e in entries if e.get("job_id") != job_id and job_id not in e.get("job_ids", [])]
     assert not strays, strays
     assert {e.get("owner_id") for e in entries if e["event"] in ("job_started", "job_completed")} == {"alice"}
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
+def documented_metrics() -> dict[str, str]:
+    """{metric: target} from the table in docs/metrics.md, the list the README points operators to."""
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| \w+ \|[^|]*\| ([a-z ()]+) \|", DOCS.read_text(), re.MULTILINE)
+    assert rows, "docs/metrics.md has no metric table"
+    return {name: target.split()[0] for name, target in rows}
+
+
+def exposed(series: Series, name: str) -> bool:
+    """A counter is exposed as `_total`, a histogram as `_bucket`/`_sum`/`_count`."""
+    return any(n == name or (n.startswith(name + "_") and n[len(name):] in ("_bucket", "_sum", "_count"))
+               for n, _ in series)
+
+
+def test_every_documented_metric_is_scraped_from_its_target(e2e_stack: Stack, tmp_path: Path) -> None:
+    """Each svd_* metric docs/metrics.md lists is on a real scrape of its target (the ingress for
+    its own, `svd-serve exporter` for the Redis-held ones), and no svd_* metric goes undocumented.
+    (The Ray one is checked on a real cluster's head by tests/cluster.)"""
+    documented = documented_metrics()
+    port = free_port()
+    with (tmp_path / "exporter.log").open("wb") as log:
+        exporter = subprocess.Popen([sys.executable, "-m", "serving.cli", "exporter", "--port", str(port)],
+                                    env=e2e_stack.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        exporter_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{exporter_url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert exporter.poll() is None and time.monotonic() < deadline, (tmp_path / "exporter.log").read_text()
+            time.sleep(0.2)  # polling the exporter's start, bounded by the deadline
+        # the Dispatcher refreshes the Serve gauges every few seconds: wait until they are there
+        scraped = {"exporter": scrape_until(exporter_url, lambda s: exposed(s, "svd_serve_application_running")),
+                   "ingress": scrape(e2e_stack.base_url)}
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=30)
+    for name, target in documented.items():
+        if target in scraped:
+            assert exposed(scraped[target], name), f"{name} is documented on the {target} but not scraped there"
+    shared = {n for n, _ in scraped["exporter"]}
+    assert one(scraped["exporter"], "svd_serve_application_running") == 1
+    assert one(scraped["exporter"], "svd_provider_breaker_open", provider="local") == 0
+    every = {n for series in scraped.values() for n, _ in series if n.startswith("svd_")}
+    undocumented = {n for n in every if not any(n == d or n.startswith(d + "_") for d in documented)}
+    assert not undocumented, undocumented
+    assert shared  # the exporter serves the Redis-held families itself

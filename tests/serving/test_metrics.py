@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -14,10 +17,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from serving.ingress.app import create_app
 from serving.keys import Keys
+from serving.settings import Settings
 from serving.logs import configure_logging, use_json
 from serving.metrics import (
     BATCH_SIZE,
+    GAUGE_TTL_S,
     GPU_MEMORY_USED,
     JOB_STAGE_SECONDS,
     OWNER_COST_USD,
@@ -240,3 +246,35 @@ async def test_request_latency_is_labelled_by_route_template(ingress: Ingress) -
     assert value(text, "svd_http_request_duration_seconds_count", method="GET",
                  route="/api/v1/animate-image/status/{job_id}") >= 1
     assert job_id not in text  # never a raw path
+
+
+async def test_a_gauge_nobody_refreshes_goes_stale_alone(sync_redis: redis.Redis, redis_url: str, unique_prefix: str) -> None:
+    """Two spot nodes report their GPU; one is reclaimed. Its label set leaves the export once its
+    write is older than GAUGE_TTL_S, while the node that keeps refreshing stays."""
+    keys = Keys(unique_prefix)
+    batch = MetricBatch(keys)
+    batch.set(GPU_MEMORY_USED, {"node": "gone", "device": "cuda:0"}, 7)
+    batch.set(GPU_MEMORY_USED, {"node": "alive", "device": "cuda:0"}, 9)
+    batch.flush(sync_redis)
+    stamps = keys.metric_stamps(GPU_MEMORY_USED.name)
+    gone_field = next(f for f in sync_redis.hkeys(stamps) if b"gone" in f)
+    sync_redis.hset(stamps, gone_field, repr(time.time() - GAUGE_TTL_S - 1))  # written long ago
+    text = await render(redis_url, keys)
+    assert value(text, "svd_gpu_memory_used_bytes", node="alive", device="cuda:0") == 9
+    assert not [s for f in text_string_to_metric_families(text) for s in f.samples if s.labels.get("node") == "gone"]
+
+
+async def test_ingress_without_shared_metrics_exports_only_its_own(database_url: str, redis_url: str, unique_prefix: str,
+                                              tmp_path: Path) -> None:
+    """On Kubernetes every ingress pod is scraped: the Redis-held families there would be counted
+    once per pod. With metrics_shared_on_ingress off they come from `svd-serve exporter` alone."""
+    settings = Settings(data_dir=tmp_path, database_url=database_url, redis_url=redis_url, queue_name=unique_prefix,
+                        key_prefix=unique_prefix, api_keys=f"a:{unique_prefix}",  # type: ignore[arg-type]
+                        metrics_shared_on_ingress=False)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            text = (await client.get("/metrics")).text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert "svd_submissions" in names and "svd_http_request_duration_seconds" in names
+    assert not names & {"svd_queue_depth_jobs", "svd_metrics_redis_up", "svd_jobs_finished"}
