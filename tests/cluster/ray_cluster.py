@@ -9,6 +9,7 @@ cluster: the `ray start` groups, then any process whose command line names its s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -59,10 +60,14 @@ class RayCluster:
     def gcs(self) -> GcsNodes:
         return GcsNodes(self.address)
 
-    def _start(self, args: list[str], name: str) -> RayNode:
+    def _start(self, args: list[str], name: str, extra_env: dict[str, str] | None = None) -> RayNode:
         log = self.temp_dir.parent / f"{self.temp_dir.name}-{name}.log"
         # The test drains nodes itself; on teardown `ray start` need not drain its node for 30 s.
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        # Token authentication off, said explicitly: `ray start --head` turns it on by itself when
+        # any earlier local `ray.init()` left a token in ~/.ray, and the test's clients (and
+        # `svd-serve worker` joining by address) would then be refused.
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+               "RAY_AUTH_MODE": "disabled", **(extra_env or {})}
         env.pop("RAY_ADDRESS", None)
         with log.open("wb") as out:
             proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
@@ -85,13 +90,21 @@ class RayCluster:
                 raise TimeoutError(f"{len(nodes)} of {count} Ray nodes up within {START_TIMEOUT_S} s")
             time.sleep(0.2)  # polling the GCS, bounded by the deadline
 
-    def start_head(self) -> None:
-        self.head = self._start(
-            ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--num-cpus=1", "--num-gpus=0",
-             '--resources={"svd-dispatcher": 1}', "--include-dashboard=false",
-             f"--metrics-export-port={self.metrics_port}", f"--object-store-memory={OBJECT_STORE_BYTES}"],
-            "head",
-        )
+    def start_head(self, gpu_nodes_on_demand: int = 0) -> None:
+        """With `gpu_nodes_on_demand`, Ray's autoscaler runs on the head with its fake multi-node
+        provider (nodes are local processes) and adds up to that many one-GPU worker nodes when
+        resource demand (a Generator replica that does not fit) asks for them."""
+        args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--num-cpus=1", "--num-gpus=0",
+                '--resources={"svd-dispatcher": 1}', "--include-dashboard=false",
+                f"--metrics-export-port={self.metrics_port}", f"--object-store-memory={OBJECT_STORE_BYTES}"]
+        env: dict[str, str] = {}
+        if gpu_nodes_on_demand:
+            config = self.temp_dir.parent / f"{self.temp_dir.name}-autoscaler.json"
+            config.write_text(json.dumps(fake_autoscaler_config(self.port, gpu_nodes_on_demand)))
+            args.append(f"--autoscaling-config={config}")
+            env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                   "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
+        self.head = self._start(args, "head", env)
         (self.head.node_id,) = self._wait_nodes(1)
 
     def add_gpu_worker(self) -> RayNode:
@@ -133,6 +146,31 @@ class RayCluster:
                     os.kill(int(pid), signal.SIGKILL)
         if os.environ.get("SVD_TEST_KEEP_RAY_LOGS") != "1":
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # what Ray's fake multi-node provider calls the head
+
+
+def fake_autoscaler_config(port: int, max_gpu_nodes: int) -> dict[str, object]:
+    """An autoscaler config for Ray's fake multi-node provider: a `gpu` node type of one CPU and
+    one logical GPU, none at first; idle ones are removed after 15 s."""
+    from ray._private.services import get_node_ip_address
+
+    return {
+        "cluster_name": "svd-fake", "max_workers": max_gpu_nodes,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"{get_node_ip_address()}:{port}"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1, "svd-dispatcher": 1}, "node_config": {}, "max_workers": 0},
+            "gpu": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": OBJECT_STORE_BYTES},
+                    "node_config": {}, "min_workers": 0, "max_workers": max_gpu_nodes},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.25,
+        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
 
 
 def make_cluster() -> RayCluster:
