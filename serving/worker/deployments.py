@@ -15,6 +15,7 @@ from serving.cost import Prices
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
 from serving.db.migrate import check_migrated
+from serving.errors import RunHandedBack
 from serving.keys import Keys
 from serving.logs import configure_service_logging
 from serving.observability.job_metrics import JobMetrics
@@ -25,7 +26,6 @@ from serving.settings import Settings
 from serving.storage import make_storage
 from serving.types import GenerationRequest, GenerationResult, PostProcessRequest, PostProcessResult
 from serving.webhooks.services import build_worker_delivery
-from serving.errors import RunHandedBack
 from serving.worker.drain import DrainReport, dispatcher_drainer
 from serving.worker.generation import GenerationService
 from serving.worker.local_backend import LocalRayBackend
@@ -58,8 +58,7 @@ class Generator:
         # Issue #5: a stuck step, a job past its deadline or a broken CUDA context fails the
         # health check, and Ray Serve restarts the replica.
         self._watchdog = generator_watchdog(settings)
-        assert settings.redis_url  # GenerationService refused to start without it
-        self._queue = QueueProbe(settings.redis_url, settings.queue_name, float(settings.drain_rate_window_s))
+        self._queue = QueueProbe(settings.redis_url or "", settings.queue_name, float(settings.drain_rate_window_s))
         self._node = NodeDrainWatch.for_this_replica(self._on_node_draining)
         self._service.node_id = self._node.node_id
         self._node.start()
