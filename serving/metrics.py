@@ -48,6 +48,8 @@ SUBMISSIONS = Counter(
     "svd_submissions_total", "Job submissions by HTTP status code and model", ["status_code", "model"]
 )
 CANCELS = Counter("svd_cancellations_total", "Cancel requests accepted", ["from_status"])
+for _status in ("queued", "processing"):  # exported as 0 from the start, so rate() sees the first cancel
+    CANCELS.labels(_status)
 REQUEST_LATENCY = Histogram(
     "svd_http_request_duration_seconds", "Ingress request latency", ["method", "route"]
 )
@@ -141,7 +143,8 @@ WEBHOOK_FAILURES = WorkerMetric(
     initial=(("exhausted",), ("gone",)),
 )
 WEBHOOK_ATTEMPT_SECONDS = WorkerMetric(
-    "svd_webhook_attempt_duration_seconds", Kind.HISTOGRAM, "Latency of one webhook attempt", (), STAGE_BUCKETS
+    "svd_webhook_attempt_duration_seconds", Kind.HISTOGRAM, "Latency of one webhook attempt", (), STAGE_BUCKETS,
+    initial=((),),
 )
 JOB_COST_USD = WorkerMetric(
     "svd_job_cost_usd", Kind.HISTOGRAM, "Estimated cost of one completed job", ("provider", "model"), COST_BUCKETS
@@ -346,7 +349,7 @@ def to_family(metric: WorkerMetric, fields: Mapping[str, float]) -> Metric:
 def _histogram_family(metric: WorkerMetric, parsed: Sequence[tuple[str, tuple[str, ...], float]]) -> Metric:
     family = HistogramMetricFamily(metric.name, metric.help, labels=list(metric.labelnames))
     bounds = [repr(float(b)) for b in metric.buckets] + ["+Inf"]
-    per_series: dict[tuple[str, ...], dict[str, float]] = {}
+    per_series: dict[tuple[str, ...], dict[str, float]] = {initial: {} for initial in metric.initial}
     for suffix, label_values, value in parsed:
         per_series.setdefault(label_values, {})[suffix] = value
     for label_values, samples in sorted(per_series.items()):
