@@ -210,11 +210,12 @@ async def _drain(client: httpx.AsyncClient, result: LoadResult, timeout_s: float
 async def run_load(
     base_url: str, api_key: str, rate: float, duration_s: float, drain_timeout_s: float,
     fields: dict[str, str] | None = None, poll_s: float = 0.5, *, profile: str = "constant",
-    spike_factor: float = 10.0, metrics_url: str | None = None, sample_s: float = 2.0,
+    spike_factor: float = 10.0, metrics_url: str | None = None, sample_s: float = 2.0, tail_s: float = 0.0,
 ) -> LoadResult:
     """Submit on the `profile`'s schedule for `duration_s` (open model: one task per arrival),
     then wait up to `drain_timeout_s` for every accepted job to finish; with `metrics_url`, sample
-    the queue and the Generator replicas throughout (drain included)."""
+    the queue and the Generator replicas throughout (drain included) and `tail_s` longer (the
+    pool scaling back down)."""
     result = LoadResult()
     image = sample_png()
     headers = {"Authorization": f"Bearer {api_key}"}
@@ -235,6 +236,8 @@ async def run_load(
         if tasks:
             await asyncio.gather(*tasks)
         await _drain(client, result, drain_timeout_s, poll_s)
+        if sampler is not None and tail_s > 0:
+            await asyncio.sleep(tail_s)  # keep sampling: the idle tail, the pool scaling down
         stop.set()
         if sampler is not None:
             await sampler
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a form field for every submission, e.g. model=svd-xt")
     parser.add_argument("--metrics-url", help="where /metrics is (the exporter; default --base-url)")
     parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between metrics samples")
+    parser.add_argument("--tail-s", type=float, default=0.0, help="seconds to keep sampling after the drain")
     parser.add_argument("--timeline", help="write the sampled timeline (JSON) here")
     parser.add_argument("--chart", help="draw queue depth and Generators wanted/running (PNG) here")
     args = parser.parse_args(argv)
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run_load(
         args.base_url, args.api_key, args.rate, args.duration, args.drain_timeout, fields, profile=args.profile,
         spike_factor=args.spike_factor, metrics_url=(args.metrics_url or args.base_url) if sampling else None,
-        sample_s=args.sample_s,
+        sample_s=args.sample_s, tail_s=args.tail_s,
     ))
     summary = summarize(result)
     print(json.dumps(summary, indent=2))
