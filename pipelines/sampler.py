@@ -116,6 +116,12 @@ class _Rows:
             needs_cfg=[self.needs_cfg[row] for row in keep],
         )
 
+    def unet_rows(self, keep: list[int]) -> list[int]:
+        """The UNet rows (as laid out now) of the rows in `keep`, in the layout `select(keep)` builds."""
+        cfg = [row for row, guided in enumerate(self.needs_cfg) if guided]
+        uncond = [cfg.index(row) for row in keep if self.needs_cfg[row]]
+        return uncond + [len(cfg) + row for row in keep]
+
     def unet_inputs(self, scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = torch.cat([scaled[self._cfg_index], scaled]) if self.cfg_rows else scaled
         return torch.cat([rows, self._image_in], dim=2), self._context_in, self._time_ids_in
@@ -300,8 +306,11 @@ class SVDSampler:
             if len(keep) < len(rows.members):
                 if not keep:
                     return {}
+                if deep is not None:
+                    # The cache is per UNet row: keep the survivors' own, so that their next steps are
+                    # what they would have been without the cancel (a reset would force a full step).
+                    deep = _select_unet_rows(deep, rows.unet_rows(keep), sample.shape[0])
                 latents, rows = latents[keep], rows.select(keep)
-                deep = None  # cached features are per row; recompute them for the new batch
         return {index: latents[row] for row, index in enumerate(rows.members)}
 
     def _count_unet(self, batch_rows: int, cached: bool) -> None:
@@ -396,6 +405,12 @@ class SVDSampler:
             yield
         finally:
             vae.to(dtype=original)
+
+
+def _select_unet_rows(features: torch.Tensor, index: list[int], unet_rows: int) -> torch.Tensor:
+    """Rows `index` of features flattened as (UNet rows x frames, ...), flattened the same way."""
+    per_row = features.reshape(unet_rows, -1, *features.shape[1:])
+    return per_row[torch.tensor(index, dtype=torch.long, device=features.device)].flatten(0, 1)
 
 
 def _stopped(request: SampleRequest, result: SampleResult, done: int, total: int) -> bool:

@@ -12,6 +12,7 @@ from pipelines import (
     BatchItem,
     BatchOutcome,
     CallbackFailed,
+    EngineOptions,
     GenerationCanceled,
     InvalidParams,
     VideoPipeline,
@@ -20,7 +21,7 @@ from pipelines import (
     plan_batches,
 )
 from pipelines.svd import fit_image
-from tests.pipelines.conftest import diffusers_frames, make_params, mixed_params
+from tests.pipelines.conftest import diffusers_frames, engine, make_params, mixed_params
 
 # float32 on the CPU: a batch changes BLAS blocking, hence the last bits; an unrelated request
 # would differ by ~1e-1.
@@ -110,6 +111,36 @@ def test_cancel_drops_one_item_mid_loop_and_the_others_are_unaffected(reference_
     for kept in (0, 2):
         assert canceled[kept].frames is not None and full[kept].frames is not None
         torch.testing.assert_close(canceled[kept].frames, full[kept].frames, rtol=0, atol=ATOL)
+
+
+def test_a_cancel_under_step_caching_leaves_the_others_as_they_were() -> None:
+    # DeepCache every 3rd step: full UNet at steps 0 and 3, shallow passes on cached deep features
+    # between. A guided request canceled after step 2 must not change its batch-mates (one guided,
+    # one not, both moving to new rows): they keep their own cached features, no extra full step.
+    pipeline = engine(EngineOptions(deepcache_interval=3))
+    requests = [dataclasses.replace(p, num_inference_steps=6) for p in mixed_params()]
+    requests[0], requests[1] = requests[1], requests[0]  # the guided one to cancel in the middle
+    done: list[int] = []
+
+    def items(cancel: bool) -> list[BatchItem]:
+        return [
+            BatchItem(requests[0], on_progress=lambda d, t: done.append(d)),
+            BatchItem(requests[1], should_cancel=lambda: cancel and len(done) >= 2),
+            BatchItem(requests[2]),
+        ]
+
+    full = pipeline.run_batch(items(cancel=False))
+    done.clear()
+    canceled = pipeline.run_batch(items(cancel=True))
+    assert isinstance(canceled[1].error, GenerationCanceled) and canceled[1].error.steps_done == 2
+    for kept in (0, 2):
+        assert canceled[kept].latents is not None and full[kept].latents is not None
+        assert canceled[kept].frames is not None and full[kept].frames is not None
+        torch.testing.assert_close(canceled[kept].latents, full[kept].latents, rtol=0, atol=ATOL)
+        torch.testing.assert_close(canceled[kept].frames, full[kept].frames, rtol=0, atol=ATOL)
+    # UNet rows: 5 (two guided + one unguided) for steps 0-1, then 3; full passes only at 0 and 3.
+    timings = pipeline.last_timings
+    assert (timings.unet_rows_full, timings.unet_rows_cached) == (5 + 3, 5 + 3 * 3)
 
 
 def test_every_item_canceled_stops_the_loop(reference_engine: VideoPipeline) -> None:
