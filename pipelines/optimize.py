@@ -40,6 +40,9 @@ class EngineRuntime:
     memory_mode: ResolvedMemoryMode
     denoiser: Denoiser
     decode: Decoder
+    # The same denoiser uncompiled: the single-request OOM rung runs it with chunked feed-forward,
+    # whose per-chunk loop would make a compiled graph specialize its dynamic batch dimension.
+    eager_denoiser: Denoiser
     offloaded: bool = False
     compiled: bool = False
     notes: list[str] = field(default_factory=list)
@@ -80,22 +83,28 @@ def prepare_runtime(pipe: StableVideoDiffusionPipeline, options: EngineOptions) 
 
     decoder: Decoder = decode
     compiled = False
+    # Chunked feed-forward (low_vram) loops over the batch in Python: a compiled UNet would
+    # specialize the batch dimension it marks dynamic, so the UNet stays eager then.
+    compile_unet = options.compile_unet and memory_mode != "low_vram"
     if (options.compile_unet or options.compile_vae_decoder) and offloaded:
         notes.append("compile: skipped, CPU offload moves the weights on every call")
     elif options.compile_unet or options.compile_vae_decoder:
         _configure_compiler(options, notes)
-        if options.compile_unet:
+        if options.compile_unet and not compile_unet:
+            notes.append("compile: UNet left eager, low_vram's chunked feed-forward specializes the batch")
+        if compile_unet:
             denoiser = CompiledDenoiser(_compile(module, options))
             notes.append(f"compile: UNet with {options.compile_backend} ({options.compile_mode or 'default'})")
         if options.compile_vae_decoder:
             decoder = _compile(decode, options)
             notes.append(f"compile: VAE decode with {options.compile_backend}")
-        compiled = True
+        compiled = compile_unet or options.compile_vae_decoder
     return EngineRuntime(
         device=device,
         memory_mode=memory_mode,
         denoiser=denoiser,
         decode=decoder,
+        eager_denoiser=module,
         offloaded=offloaded,
         compiled=compiled,
         notes=notes,

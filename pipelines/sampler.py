@@ -23,7 +23,7 @@ from PIL import Image
 from pipelines.batch import CancelFn, ProgressFn
 from pipelines.errors import CallbackFailed, GenerationCanceled, NonFiniteOutput, OutOfMemory, PipelineError
 from pipelines.faults import is_finite, is_out_of_memory, release_memory
-from pipelines.optimize import EngineRuntime
+from pipelines.optimize import Denoiser, EngineRuntime
 from pipelines.options import EngineOptions
 from pipelines.params import VideoParams
 
@@ -146,9 +146,12 @@ class SVDSampler:
         self._options = options
         self.timings = StageTimings()
 
-    def sample(self, requests: Sequence[SampleRequest], *, decode: bool = True) -> list[SampleResult]:
+    def sample(
+        self, requests: Sequence[SampleRequest], *, decode: bool = True, eager: bool = False
+    ) -> list[SampleResult]:
         """Sample every request; per-request failures (cancel, NaN, decode OOM) land in its result.
 
+        `eager` runs the uncompiled denoiser (the out-of-memory rung with chunked feed-forward).
         Raises `DenoiseOutOfMemory` when the device runs out of memory before the decode.
         """
         self.timings = StageTimings()
@@ -162,7 +165,7 @@ class SVDSampler:
         out_of_memory = ""
         try:
             with torch.inference_mode():
-                final = self._encode_and_denoise(requests, results, live)
+                final = self._encode_and_denoise(requests, results, live, eager)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -194,7 +197,7 @@ class SVDSampler:
 
     # -- steps 1-7: encode, prepare, denoise ---------------------------------------------------
     def _encode_and_denoise(
-        self, requests: Sequence[SampleRequest], results: list[SampleResult], live: list[int]
+        self, requests: Sequence[SampleRequest], results: list[SampleResult], live: list[int], eager: bool
     ) -> dict[int, torch.Tensor]:
         pipe, device = self._pipe, self._device
         batch = [requests[i] for i in live]
@@ -257,7 +260,8 @@ class SVDSampler:
 
         # 7. The denoising loop.
         started = time.perf_counter()
-        final = self._denoise(scheduler, timesteps, latents, rows, requests, results)
+        denoiser = self._runtime.eager_denoiser if eager else self._runtime.denoiser
+        final = self._denoise(denoiser, scheduler, timesteps, latents, rows, requests, results)
         self._sync()
         self.timings.denoise_s = time.perf_counter() - started
         return final
@@ -277,6 +281,7 @@ class SVDSampler:
 
     def _denoise(
         self,
+        denoiser: Denoiser,
         scheduler: _Scheduler,
         timesteps: torch.Tensor,
         latents: torch.Tensor,
@@ -284,7 +289,6 @@ class SVDSampler:
         requests: Sequence[SampleRequest],
         results: list[SampleResult],
     ) -> dict[int, torch.Tensor]:
-        denoiser = self._runtime.denoiser
         interval = self._options.deepcache_interval if self._options.uses_deepcache else 0
         total = len(timesteps)
         deep: torch.Tensor | None = None

@@ -263,16 +263,18 @@ class VideoPipeline:
                     self.options.name)
         set_forward_chunking(self._pipe.unet, enabled=True)
         try:
-            return self._sample_once(requests, decode, first_failure)
+            # Eager: a compiled graph would recompile for the chunking (minutes, under memory
+            # pressure) and specialize the batch dimension it marks dynamic.
+            return self._sample_once(requests, decode, first_failure, eager=True)
         finally:
             if self._runtime.memory_mode != "low_vram":
                 set_forward_chunking(self._pipe.unet, enabled=False)
 
     def _sample_once(
-        self, requests: list[SampleRequest], decode: bool, first_failure: str = ""
+        self, requests: list[SampleRequest], decode: bool, first_failure: str = "", eager: bool = False
     ) -> list[SampleResult]:
         try:
-            return self._sampler.sample(requests, decode=decode)
+            return self._sampler.sample(requests, decode=decode, eager=eager)
         except DenoiseOutOfMemory as exc:
             detail = f"{first_failure}; then {exc}" if first_failure else str(exc)
         release_memory(self._pipe._execution_device)

@@ -59,3 +59,12 @@ def test_an_unwarmed_size_compiles_and_the_engine_says_so(caplog: pytest.LogCapt
         pipeline.generate(make_params(num_frames=3, num_inference_steps=1))
     assert compiled_graph_count() > before
     assert "add its size to the warm-up buckets" in caplog.text
+
+
+def test_low_vram_leaves_the_unet_eager_and_generates(caplog: pytest.LogCaptureFixture) -> None:
+    # low_vram chunks the feed-forward over the batch in Python, which a dynamic-batch graph cannot hold.
+    pipeline = engine(EngineOptions(compile_unet=True, compile_backend="eager", memory_mode="low_vram"))
+    assert "compile: UNet left eager, low_vram's chunked feed-forward specializes the batch" in pipeline.engine_notes
+    before = compiled_graph_count()
+    assert pipeline.generate(make_params(num_frames=2, num_inference_steps=2)).std() > 0
+    assert compiled_graph_count() == before

@@ -144,6 +144,33 @@ def test_unet_oom_on_a_single_request_retries_with_chunked_feed_forward(monkeypa
     assert not any(getattr(m, "_chunk_size", None) for m in unet.modules())  # switched off again
 
 
+def test_unet_oom_on_a_single_request_under_a_compiled_unet(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The `quality`/`fast` presets compile the UNet with a dynamic batch dimension; one guided request
+    # is a UNet batch of 2. The chunked feed-forward rung must neither crash the compiled graph (it
+    # loops over the batch in Python) nor compile anew: it runs the eager UNet.
+    torch._dynamo.reset()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    pipeline = engine(EngineOptions(compile_unet=True, compile_backend="eager"))
+    params = make_params()
+    expected = _frames(engine().run_batch([BatchItem(params)])[0])
+    failed = {"done": False}
+
+    def once(sample: torch.Tensor) -> str | None:
+        if not failed["done"]:
+            failed["done"] = True
+            return "oom"
+        return None
+
+    rows = _wrap_unet(pipeline, monkeypatch, once)
+    result = pipeline.run_batch([BatchItem(params)])[0]
+    torch.testing.assert_close(_frames(result), expected, rtol=0, atol=ATOL)
+    assert rows[-3:] == [2, 2, 2]  # the retry ran all 3 steps on the guided request's 2 UNet rows
+    unet = pipeline.diffusers_pipeline.unet
+    assert not any(getattr(m, "_chunk_size", None) for m in unet.modules())  # switched off again
+    # And the compiled UNet serves the next request as before.
+    torch.testing.assert_close(_frames(pipeline.run_batch([BatchItem(params)])[0]), expected, rtol=0, atol=ATOL)
+
+
 def test_persistent_oom_is_a_typed_error_and_the_next_batch_runs_normally(monkeypatch: pytest.MonkeyPatch) -> None:
     pipeline = engine()
     rows = _wrap_unet(pipeline, monkeypatch, lambda sample: "oom")
