@@ -18,6 +18,8 @@ from diffusers import StableVideoDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
+from pipelines import sage_attention as sage
+from pipelines.breakdown import count_flops, fp8_eligible
 from pipelines.denoisers import DeepCacheDenoiser, DenoiserOutput, PlainDenoiser
 from pipelines.errors import EngineConfigError
 from pipelines.options import LOW_VRAM_DECODE_CHUNK, EngineOptions, ResolvedMemoryMode, choose_memory_mode
@@ -153,16 +155,37 @@ def _apply_precision(pipe: StableVideoDiffusionPipeline, options: EngineOptions,
 
 
 def _apply_attention(pipe: StableVideoDiffusionPipeline, options: EngineOptions, notes: list[str]) -> None:
-    if options.attention == "default":
-        return
     if options.attention == "xformers":
         if importlib.util.find_spec("xformers") is not None and pipe.device.type == "cuda":
             pipe.enable_xformers_memory_efficient_attention()
             notes.append("attention: xformers")
-            return
-        notes.append("attention: xformers unavailable (not installed or no CUDA), using SDPA")
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    notes.append("attention: SDPA (AttnProcessor2_0)")
+        else:
+            notes.append("attention: xformers unavailable (not installed or no CUDA), using SDPA")
+            pipe.unet.set_attn_processor(AttnProcessor2_0())
+            notes.append("attention: SDPA (AttnProcessor2_0)")
+    elif options.attention == "sdpa":
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        notes.append("attention: SDPA (AttnProcessor2_0)")
+    if options.sage_attention:
+        _apply_sage_attention(pipe, notes)
+
+
+def _apply_sage_attention(pipe: StableVideoDiffusionPipeline, notes: list[str]) -> None:
+    reason = sage.unavailable_reason(pipe.device, pipe.unet.dtype)
+    if reason is None:
+        try:
+            error = sage.self_check(pipe.device, pipe.unet.dtype)
+        except Exception as exc:  # a kernel that does not build or run on this card/Triton
+            reason = f"its kernel failed a self-check ({type(exc).__name__}: {exc})"
+        else:
+            if not error < sage.SELF_CHECK_MAX_ERROR:
+                reason = f"its self-check error against SDPA is {error:.1e}"
+    if reason is not None:
+        notes.append(f"attention: 8-bit SageAttention skipped, {reason}; the attention above is kept")
+        return
+    changed = sage.install(pipe.unet)
+    notes.append(f"attention: 8-bit SageAttention in {changed} spatial self-attention layers "
+                 f"(self-check error {error:.1e} against SDPA)")
 
 
 def _apply_layout(
@@ -205,19 +228,49 @@ def _apply_fp8(
     if importlib.util.find_spec("torchao") is None:
         notes.append("fp8: skipped, torchao is not installed (pip install torchao)")
         return
+    plan = fp8_plan(pipe.unet)
+    if not plan.eligible:
+        notes.append(f"fp8: nothing converted, none of the UNet's {plan.linears} Linear layers is eligible "
+                     "(both sides divisible by 16, at least 1024x1024)")
+        return
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    def large_linear(module: nn.Module, name: str) -> bool:
-        # FP8 GEMMs need dimensions divisible by 16; tiny projections gain nothing and lose accuracy.
-        return (
-            isinstance(module, nn.Linear)
-            and module.in_features % 16 == 0
-            and module.out_features % 16 == 0
-            and module.in_features * module.out_features >= 1024 * 1024
-        )
+    eligible = set(plan.eligible)
+    quantize_(pipe.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, name: module in eligible)
+    # Count what torchao really converted: a converted weight is a tensor subclass.
+    converted = sum(type(m.weight) not in (torch.Tensor, nn.Parameter) for m in plan.eligible)
+    notes.append(f"fp8: torchao dynamic float8 (per-row) on {converted} of the UNet's {plan.linears} Linear "
+                 f"layers, {plan.flop_share:.0%} of a UNet step's FLOPs ({plan.at})")
 
-    quantize_(pipe.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=large_linear)
-    notes.append("fp8: torchao dynamic float8 (per-row) on the UNet's large linear layers")
+
+@dataclass(frozen=True)
+class Fp8Plan:
+    """The UNet's FP8-eligible Linear layers and their share of a step's FLOPs."""
+
+    linears: int
+    eligible: tuple[nn.Module, ...]
+    flop_share: float
+    at: str  # the input size the share was counted at
+
+
+def fp8_plan(unet: nn.Module) -> Fp8Plan:
+    """Which Linear layers the FP8 path would convert, and their FLOP share at the UNet's own sample
+    size and frame count (counted on the meta device: no compute)."""
+    linears = [m for m in unet.modules() if isinstance(m, nn.Linear)]
+    eligible = tuple(m for m in linears if fp8_eligible(m))
+    config = unet.config
+    size, frames = int(config.sample_size), int(config.num_frames)
+    sample = torch.zeros(1, frames, config.in_channels, size, size, dtype=unet.dtype)
+    context = torch.zeros(1, 1, config.cross_attention_dim, dtype=unet.dtype)
+    time_ids = torch.zeros(1, 3, dtype=unet.dtype)
+    counted, _ = count_flops(PlainDenoiser(unet), _call, (sample, torch.tensor(1.0), context, time_ids))
+    share = counted.fp8_eligible / counted.total if counted.total else 0.0
+    return Fp8Plan(len(linears), eligible, share, f"{size}x{size} latents, {frames} frames")
+
+
+def _call(module: nn.Module, *args: Any) -> Any:
+    return module(*args)
 
 
 def _resolve_memory_mode(options: EngineOptions, device: torch.device, notes: list[str]) -> ResolvedMemoryMode:

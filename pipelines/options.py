@@ -44,6 +44,9 @@ class EngineOptions:
       its latents are not finite.
     - `attention`: "default" keeps the loaded processors (diffusers picks SDPA), "sdpa" forces
       `AttnProcessor2_0`, "xformers" uses xformers when importable (else SDPA, noted).
+    - `sage_attention`: 8-bit attention (SageAttention, `pipelines.sage_attention`) in the UNet's
+      spatial self-attention; CUDA, 16-bit weights and the `sageattention` package only, else the
+      attention above is kept, noted. Opt-in: no preset turns it on (`preset("fast", sage_attention=True)`).
     - `channels_last`: NHWC weights for the UNet and VAE convolutions.
     - `cudnn_benchmark`: let cuDNN time its convolution algorithms (CUDA only).
     - `compile_unet` / `compile_vae_decoder`: `torch.compile` with `compile_backend`/`compile_mode`,
@@ -63,6 +66,7 @@ class EngineOptions:
     vae_dtype: Precision = "auto"
     vae_encode_upcast: bool = True
     attention: Attention = "default"
+    sage_attention: bool = False
     channels_last: bool = False
     cudnn_benchmark: bool = False
     compile_unet: bool = False

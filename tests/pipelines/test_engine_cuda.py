@@ -57,7 +57,10 @@ def test_quality_preset_compiles_once_per_bucket_with_inductor(monkeypatch: pyte
 def test_fast_preset_reports_fp8_and_generates_a_finite_video() -> None:
     pipeline = _cuda_engine(preset("fast", compile_unet=False, compile_vae_decoder=False))
     notes = " | ".join(pipeline.engine_notes)
-    assert "fp8:" in notes  # applied on Ada/Hopper with torchao, else skipped with the reason
+    # The tiny model has no FP8-eligible Linear: on Ada/Hopper with torchao the note says nothing was
+    # converted, elsewhere why FP8 was skipped; never that it was applied.
+    assert "fp8: nothing converted, none of the UNet's" in notes or "fp8: skipped" in notes
+    assert "torchao dynamic float8" not in notes
     video = pipeline.generate(make_params())
     assert video.shape == (4, 64, 64, 3) and video.std() > 0
 
