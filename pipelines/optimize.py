@@ -47,6 +47,7 @@ class EngineRuntime:
     eager_denoiser: Denoiser
     offloaded: bool = False
     compiled: bool = False
+    compiled_decoder: bool = False  # one graph per decode chunk length: see `VideoPipeline.decode_chunk`
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -109,6 +110,7 @@ def prepare_runtime(pipe: StableVideoDiffusionPipeline, options: EngineOptions) 
         eager_denoiser=module,
         offloaded=offloaded,
         compiled=compiled,
+        compiled_decoder=compiled and options.compile_vae_decoder,
         notes=notes,
     )
 

@@ -32,6 +32,29 @@ class SizeBucket:
     height: int
     num_frames: int
 
+    @classmethod
+    def parse(cls, text: str) -> SizeBucket:
+        """`"1024x576x25"` (width x height x frames) -> `SizeBucket(1024, 576, 25)`."""
+        parts = text.strip().lower().split("x")
+        if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise EngineConfigError(f"A size bucket is WIDTHxHEIGHTxFRAMES, for example 1024x576x25, not {text!r}.")
+        return cls(int(parts[0]), int(parts[1]), int(parts[2]))
+
+
+def parse_warmup_buckets(entries: list[str]) -> dict[str, list[SizeBucket]]:
+    """`["svd-xt:1024x576x25", "svd-xt:768x768x14", "svd:1024x576x14"]` -> buckets per model name."""
+    buckets: dict[str, list[SizeBucket]] = {}
+    for entry in entries:
+        model, sep, size = entry.partition(":")
+        if not sep or not model.strip():
+            raise EngineConfigError(f"A warm-up bucket is MODEL:WIDTHxHEIGHTxFRAMES, for example "
+                                    f"svd-xt:1024x576x25, not {entry!r}.")
+        bucket = SizeBucket.parse(size)
+        listed = buckets.setdefault(model.strip(), [])
+        if bucket not in listed:
+            listed.append(bucket)
+    return buckets
+
 
 @dataclass(frozen=True)
 class EngineOptions:

@@ -373,7 +373,8 @@ class SVDSampler:
         if not self._options.oom_retry or smaller == chunk:
             return None, OutOfMemory(f"Out of device memory decoding {chunk} frames at a time: {failure}")
         try:
-            return self._decode_chunks(scaled, smaller, decode), None
+            # Eager: a compiled decoder would compile a graph for the new chunk length, under memory pressure.
+            return self._decode_chunks(scaled, smaller, self._eager_decode), None
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise

@@ -199,7 +199,7 @@ class VideoPipeline:
 
         Each bucket runs the denoiser at every UNet batch size a batch of up to `max_batch_size`
         requests can produce (1 .. 2 x max_batch_size, both DeepCache paths) and, with a compiled VAE
-        decoder, decodes the model's default chunk and the last, shorter one.
+        decoder, decodes the bucket's fixed chunk (`decode_chunk`) and the last, shorter one.
         """
         started = time.perf_counter()
         graphs_before = compiled_graph_count()
@@ -230,18 +230,31 @@ class VideoPipeline:
             _, deep = self._runtime.denoiser(sample, timestep, context, time_ids, None)
             if deep is not None:
                 self._runtime.denoiser(sample, timestep, context, time_ids, deep)
-        if self.options.compile_vae_decoder:
-            chunk = min(self.spec.default_decode_chunk_size, bucket.num_frames)
+        if self._runtime.compiled_decoder:
+            chunk = self.decode_chunk(bucket.num_frames, None)
             for frames in sorted({chunk, bucket.num_frames % chunk} - {0}):
                 latents = torch.zeros(frames, latent[1] // 2, *latent[2:], dtype=pipe.vae.dtype, device=device)
                 self._runtime.decode(latents, frames)
+
+    def decode_chunk(self, num_frames: int, requested: int | None) -> int:
+        """How many frames the VAE decodes at a time for a request.
+
+        The request's `decode_chunk_size` (else the model's default), except under a compiled VAE
+        decoder: its graphs are per chunk length, so every request of a size bucket decodes in the
+        bucket's fixed chunks (the model's default, at most the frame count), the ones warmed up,
+        and no request recompiles the decoder.
+        """
+        default = self.spec.default_decode_chunk_size
+        if self._runtime.compiled_decoder:
+            return min(default, num_frames)
+        return requested or default
 
     def _request(self, item: BatchItem) -> SampleRequest:
         params = item.params
         return SampleRequest(
             params=params,
             image=fit_image(params.image, params.width, params.height),
-            decode_chunk=params.decode_chunk_size or self.spec.default_decode_chunk_size,
+            decode_chunk=self.decode_chunk(params.num_frames, params.decode_chunk_size),
             on_progress=item.on_progress,
             should_cancel=item.should_cancel,
         )

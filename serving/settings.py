@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.options import parse_warmup_buckets
 
 PLACEHOLDER = "changeme"
 
@@ -119,6 +121,9 @@ class Settings(BaseSettings):
     engine_preset: Literal["reference", "quality", "fast"] = "reference"
     engine_memory_mode: Literal["auto", "normal", "low_vram"] = "auto"
     compile_cache_dir: Path | None = None
+    # Loaded (and, under a compiling preset, compiled) at start-up besides default_model's native
+    # size: "MODEL:WIDTHxHEIGHTxFRAMES" entries; every model named gets its native size too.
+    warmup_buckets: list[str] = []
     serve_app_name: str = "svd-serve"
 
     # Live events (SSE / WebSocket), kept per job in a Redis stream
@@ -184,6 +189,12 @@ class Settings(BaseSettings):
     otel_service_name: str = "svd-serve"
     sentry_dsn: SecretStr = SecretStr("")
     sentry_traces_sample_rate: float = 0.0
+
+    @field_validator("warmup_buckets")
+    @classmethod
+    def _check_warmup_buckets(cls, value: list[str]) -> list[str]:
+        parse_warmup_buckets(value)  # a malformed entry stops the start-up with its reason
+        return value
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> "Settings":

@@ -16,7 +16,7 @@ from models.loading import LoadOptions
 from models.registry import get_spec
 from pipelines import VideoPipeline, load_pipeline
 from pipelines.batch import BatchItem, batch_cost, plan_batches
-from pipelines.options import EngineOptions, SizeBucket, preset
+from pipelines.options import EngineOptions, SizeBucket, parse_warmup_buckets, preset
 from pipelines.errors import GenerationCanceled
 from pipelines.params import VideoParams
 from serving.errors import JobCanceled, RunHandedBack
@@ -91,14 +91,20 @@ class GenerationService:
         self.node_id: str | None = None  # the Ray node, written beside each job's progress
 
     def warm_up(self, model: str) -> None:
-        """Load weights (and compile, when the preset compiles) before the replica reports ready."""
-        pipeline = self._pipeline(model)
-        engine = engine_options(self._settings)
-        if engine.compile_unet or engine.compile_vae_decoder:
-            # Compile the native size at every batch size now, so that no request recompiles.
-            spec = get_spec(model)
-            bucket = SizeBucket(spec.native_width, spec.native_height, spec.default_num_frames)
-            pipeline.warm_up([bucket], max_batch_size=self._settings.max_batch_size)
+        """Load `model` and every model named in `warmup_buckets` before the replica reports ready,
+        and, when the preset compiles, compile each one's native size and its configured buckets at
+        every batch size, so that no request of those sizes recompiles."""
+        plan = {model: [], **parse_warmup_buckets(self._settings.warmup_buckets)}
+        for name, buckets in plan.items():
+            pipeline = self._pipeline(name)
+            if not (pipeline.options.compile_unet or pipeline.options.compile_vae_decoder):
+                continue
+            spec = get_spec(name)
+            native = SizeBucket(spec.native_width, spec.native_height, spec.default_num_frames)
+            report = pipeline.warm_up([native, *(b for b in buckets if b != native)],
+                                      max_batch_size=self._settings.max_batch_size)
+            log.info("pipeline_warmed", model=name, buckets=[f"{b.width}x{b.height}x{b.num_frames}" for b in
+                     report.buckets], graphs=report.graphs_compiled, seconds=round(report.seconds, 2))
         # The device gauges exist (0 on CPU) from the start, before the first job.
         self.refresh_gauges()
 

@@ -68,3 +68,19 @@ def test_low_vram_leaves_the_unet_eager_and_generates(caplog: pytest.LogCaptureF
     before = compiled_graph_count()
     assert pipeline.generate(make_params(num_frames=2, num_inference_steps=2)).std() > 0
     assert compiled_graph_count() == before
+
+
+@pytest.mark.slow
+def test_a_compiled_decoder_decodes_a_bucket_in_its_fixed_chunks_whatever_the_request_asks() -> None:
+    pipeline = engine(EngineOptions(compile_vae_decoder=True, compile_backend="eager"))
+    bucket = SizeBucket(width=64, height=64, num_frames=10)  # the tiny model's chunk: 8, then 2
+    assert pipeline.decode_chunk(10, 3) == pipeline.decode_chunk(10, None) == 8
+    assert engine().decode_chunk(10, 3) == 3  # eager: the request's own chunk
+    report = pipeline.warm_up([bucket], max_batch_size=1)
+    assert report.graphs_compiled == 2  # decoder graphs for 8 and 2 frames
+    compiled = compiled_graph_count()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        videos = [pipeline.generate(make_params(num_frames=10, num_inference_steps=1, decode_chunk_size=chunk))
+                  for chunk in (3, 4, None)]
+    assert compiled_graph_count() == compiled
+    assert (videos[0] == videos[1]).all() and (videos[1] == videos[2]).all()
