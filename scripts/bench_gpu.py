@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override an EngineOptions field in every preset, e.g. inductor_tuning=false "
                              "or compile_mode=max-autotune-no-cudagraphs (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="JSON path (default scripts/results/bench-<device>.json)")
+    parser.add_argument("--out", type=Path, help="JSON path (default: bench-<card>.json in --out-dir)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS, help="default: scripts/results")
     parser.add_argument("--no-chart", action="store_true")
     return parser
 
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {note}", flush=True)
     peak = _matmul_peak_tflops(env)
     print(f"# measured matmul peak: {peak:.2f} TFLOP/s ({'bfloat16' if env.cuda else 'float32'})", flush=True)
-    out = args.out or DEFAULT_RESULTS / f"bench-{_slug(card)}.json"
+    out = args.out or args.out_dir / f"bench-{_slug(card)}.json"
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
