@@ -128,6 +128,7 @@ class RowSpec:
     sage: bool = False
     batch_size: int = 1
     memory_mode: str = "normal"
+    reuse_previous: bool = False  # a batch-scaling row: the row before's pipeline and compiled graphs
 
     @property
     def is_anchor(self) -> bool:
@@ -186,11 +187,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = _environment(args.target, args.dry_run)
     workloads = _workloads(args, env)
-    if args.dry_run:
-        for workload in workloads:
-            _print_plan(_plan(args, env, workload, _flops(workload, env)), workload, env, args.budget_s)
-        return 0
+    threads = torch.get_num_threads()
+    if not env.cuda:
+        # The tiny model's kernels are too small to share between threads: on a busy machine the
+        # threads' synchronization, not the arithmetic, took most of the time (20 ms per tiny matmul).
+        torch.set_num_threads(1)
+    try:
+        if args.dry_run:
+            for workload in workloads:
+                _print_plan(_plan(args, env, workload, _flops(workload, env)), workload, env, args.budget_s)
+            return 0
+        return _run(args, env, workloads, started, argv)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _run(args: argparse.Namespace, env: Env, workloads: list[Workload], started: float,
+         argv: Sequence[str] | None) -> int:
     card = _card_name(env)
     note = (
         f"CUDA device: {card}."
@@ -333,10 +346,13 @@ def _params(workload: Workload, image: Image.Image, seed: int) -> VideoParams:
 
 def _rows(args: argparse.Namespace, env: Env) -> list[RowSpec]:
     """Every row, in the order of priority a budget keeps them: the anchor and diffusers' reference,
-    the presets alone (reference first), then the 8-bit attention variants, the low-VRAM mode and
-    the batch scaling."""
+    the presets alone (reference first; the scaling preset followed by its larger batches, which
+    reuse its compiled graphs), then the 8-bit attention variants and the low-VRAM mode."""
     rows = [] if args.no_fidelity else [RowSpec(ANCHOR, "diffusers", dtype="float32")]
     rows.append(RowSpec(f"diffusers-{env.half_name}", "diffusers"))
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()] if env.cuda else [1, 2]
+    scaling = [RowSpec(f"{args.scaling_preset} x{size}", "preset", preset=args.scaling_preset, batch_size=size,
+                       reuse_previous=True) for size in sizes if size > 1]
     variants = []
     for entry in (p.strip() for p in args.presets.split(",") if p.strip()):
         name, _, extra = entry.partition("+")
@@ -344,12 +360,14 @@ def _rows(args: argparse.Namespace, env: Env) -> list[RowSpec]:
         if extra not in ("", "sage"):
             raise SystemExit(f"--presets {entry!r}: the only variant is NAME+sage")
         (variants if extra else rows).append(RowSpec(entry, "preset", preset=name, sage=extra == "sage"))
+        if entry == args.scaling_preset:
+            rows += scaling
+            scaling = []
     rows += variants
     if not args.no_low_vram:
         rows.append(RowSpec("reference+low_vram", "preset", preset="reference", memory_mode="low_vram"))
-    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()] if env.cuda else [1, 2]
-    rows += [RowSpec(f"{args.scaling_preset} x{size}", "preset", preset=args.scaling_preset, batch_size=size)
-             for size in sizes if size > 1]
+    if scaling:  # the scaling preset is not among --presets: its rows build their own pipeline
+        rows += [dataclasses.replace(scaling[0], reuse_previous=False), *scaling[1:]]
     return rows
 
 
@@ -395,10 +413,12 @@ class Planner:
         if row.memory_mode == "low_vram" and env.cuda:
             step *= 1.5  # offload traffic and chunked feed-forward (a guess until measured)
         compile_s = 0.0
-        if options is not None and (options.compile_unet or options.compile_vae_decoder) and row.preset:
+        compiles = options is not None and (options.compile_unet or options.compile_vae_decoder)
+        if compiles and row.preset and not row.reuse_previous:
             compile_s = ASSUMED_COMPILE_S[env.kind].get(row.preset, 0.0) * self._compile_scale
         runs = self._runs + (0 if row.is_anchor else self._warmup)
-        return Estimate(ASSUMED_ROW_SETUP_S[env.kind], compile_s, step * workload.measure_steps + decode, runs)
+        setup = 0.0 if row.reuse_previous else ASSUMED_ROW_SETUP_S[env.kind]
+        return Estimate(setup, compile_s, step * workload.measure_steps + decode, runs)
 
     def learn(self, row: RowSpec, estimate: Estimate, measured: dict[str, Any]) -> None:
         """Later estimates follow what was measured: run times from the diffusers rows (the eager
@@ -478,17 +498,24 @@ def _bench_model(
         "runs": [], "skipped": [],
     }
     anchor: dict[str, Any] | None = None
+    previous: VideoPipeline | None = None  # the last row's engine, for the batch-scaling rows
     for row in _rows(args, env):
         estimate = planner.estimate(row)
         left = deadline - time.perf_counter()
-        if estimate.total_s > left:
-            print(f"# skip {row.name}: estimated {estimate.total_s:.0f} s, {left:.0f} s left", flush=True)
+        reuse = previous if row.reuse_previous else None
+        if estimate.total_s > left or (row.reuse_previous and reuse is None):
+            reason = "over budget" if estimate.total_s > left else "the row it extends did not run"
+            print(f"# skip {row.name}: {reason} (estimated {estimate.total_s:.0f} s, {left:.0f} s left)", flush=True)
             result["skipped"].append({"name": row.name, "estimated_s": round(estimate.total_s, 1),
-                                      "left_s": round(left, 1), "reason": "over budget"})
+                                      "left_s": round(left, 1), "reason": reason})
+            previous = None if not row.reuse_previous else previous
             continue
         began = time.perf_counter()
-        with state.isolated():
-            measured = _bench_row(args, env, workload, master, row, params, probe, anchor)
+        if reuse is None:
+            previous = None
+            _free(env)
+            state.restore()  # every row that builds its own pipeline starts from the same settings
+        measured, previous = _bench_row(args, env, workload, master, row, params, probe, reuse)
         measured["row_wall_s"] = round(time.perf_counter() - began, 2)
         measured["estimated_s"] = round(estimate.total_s, 1)
         planner.learn(row, estimate, measured)
@@ -497,7 +524,9 @@ def _bench_model(
         result["runs"].append(measured)
         print(f"# {row.name}: {measured.get('error') or 'ok'} ({measured['row_wall_s']:.1f} s)", flush=True)
         save(result)
-        _free(env)
+    previous = None
+    _free(env)
+    state.restore()
 
     for row in result["runs"]:
         _finish_row(row, anchor, flops, peak, workload, real_weights)
@@ -508,6 +537,8 @@ def _bench_model(
     if not args.no_breakdown and time.perf_counter() < deadline:
         with state.isolated():
             result["breakdown"] = _breakdown(env, workload, master, probe, flops, reference)
+    elif not args.no_breakdown:
+        result["skipped"].append({"name": "breakdown", "reason": "over budget"})
     for row in result["runs"]:
         for key in [k for k in row if k.startswith("_")]:
             del row[key]
@@ -562,12 +593,14 @@ def _options_for(row: RowSpec, env: Env, overrides: dict[str, Any] | None = None
 
 def _bench_row(
     args: argparse.Namespace, env: Env, workload: Workload, master: StableVideoDiffusionPipeline, row: RowSpec,
-    params: VideoParams, probe: tuple[torch.Tensor, ...], anchor: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """Build the row's pipeline, warm it up, time it, keep its outputs; errors end the row, not the run."""
+    params: VideoParams, probe: tuple[torch.Tensor, ...], reuse: VideoPipeline | None,
+) -> tuple[dict[str, Any], VideoPipeline | None]:
+    """Build the row's pipeline (or reuse the one given), warm it up, time it, keep its outputs;
+    errors end the row, not the run. Returns the measurements and the engine (None for diffusers)."""
     baseline = _allocated(env)
     measured: dict[str, Any] = {"name": row.name, "kind": row.kind, "preset": row.preset, "batch_size": row.batch_size,
                                 "memory_mode": row.memory_mode, "sage_attention": row.sage}
+    engine: VideoPipeline | None = None
     try:
         started = time.perf_counter()
         if row.kind == "diffusers":
@@ -575,8 +608,11 @@ def _bench_row(
             measured["memory_mode"] = "normal"
         else:
             options = _options_for(row, env, {"compile_cache_dir": args.compile_cache_dir, **_overrides(args.option)})
-            runner, step_fn, notes, memory_mode = _engine_runner(env, workload, master, options, row, params, probe)
-            measured["memory_mode"] = memory_mode
+            engine = reuse or VideoPipeline(_clone(master, _dtype(options.dtype, env)), workload.spec, options)
+            runner, step_fn, notes = _engine_runner(env, engine, row, params, probe)
+            measured["memory_mode"] = engine.memory_mode
+            if reuse is not None:
+                notes = [*notes, "the previous row's engine and compiled graphs"]
         measured["startup_s"] = round(time.perf_counter() - started, 3)
         measured["notes"] = notes
         graphs = compiled_graph_count()
@@ -603,7 +639,8 @@ def _bench_row(
     except Exception as exc:  # one row's failure (a compile error, an OOM) is a result, not the end
         measured["error"] = f"{type(exc).__name__}: {exc}"
         measured.setdefault("notes", [])
-    return measured
+        engine = None
+    return measured, engine
 
 
 class _Runner:
@@ -666,10 +703,8 @@ def _diffusers_runner(
 
 
 def _engine_runner(
-    env: Env, workload: Workload, master: StableVideoDiffusionPipeline, options: EngineOptions, row: RowSpec,
-    params: VideoParams, probe: tuple[torch.Tensor, ...],
-) -> tuple[_Runner, Callable[[], torch.Tensor], list[str], str]:
-    pipe = VideoPipeline(_clone(master, _dtype(options.dtype, env)), workload.spec, options)
+    env: Env, pipe: VideoPipeline, row: RowSpec, params: VideoParams, probe: tuple[torch.Tensor, ...]
+) -> tuple[_Runner, Callable[[], torch.Tensor], list[str]]:
     requests = [dataclasses.replace(params, seed=params.seed + i) for i in range(row.batch_size)]
 
     def run() -> tuple[Run, torch.Tensor, torch.Tensor]:
@@ -694,7 +729,7 @@ def _engine_runner(
     def step() -> torch.Tensor:
         return pipe.denoise_once(*probe)
 
-    return _Runner(run), step, pipe.engine_notes, pipe.memory_mode
+    return _Runner(run), step, pipe.engine_notes
 
 
 def _split(began: float, marks: list[float], ended: float) -> Run:
