@@ -445,10 +445,14 @@ def _full_steps(steps: int, interval: int) -> int:
 def _plan(args: argparse.Namespace, env: Env, workload: Workload, flops: dict[str, float]) -> dict[str, Any]:
     planner = Planner(args, env, workload, flops)
     fixed = ASSUMED_SETUP_S[env.kind] + (0.0 if args.no_breakdown else 10.0 if env.cuda else 1.0)
-    rows, used = [], fixed
+    rows, used, base_runs = [], fixed, False
     for row in _rows(args, env):
         estimate = planner.estimate(row)
         fits = not args.budget_s or used + estimate.total_s <= args.budget_s
+        if row.reuse_previous:
+            fits = fits and base_runs  # a batch-scaling row needs the row it extends
+        else:
+            base_runs = fits
         rows.append({"row": row, "estimate": estimate, "fits": fits})
         used += estimate.total_s if fits else 0.0
     return {"fixed_s": fixed, "rows": rows, "total_s": used, "flops": flops}
@@ -936,7 +940,8 @@ def _breakdown(
     full_time = time_step(denoiser, _call, (*inputs, None), tags)
     shallow_time = time_step(denoiser, _call, (*inputs, deep), tags)
     shallow_fraction = shallow_time.total / full_time.total if full_time.total else None
-    bounds = ceilings(full_time, shallow_fraction, 3)
+    # A shallow pass is a subset of a full one: a measured fraction above 1 is timing noise.
+    bounds = ceilings(full_time, None if shallow_fraction is None else min(shallow_fraction, 1.0), 3)
     result: dict[str, Any] = {
         "flops_per_row_step": full_flops.as_dict(1e-12),
         "flops_shallow_fraction": round(shallow_flops.total / full_flops.total, 4),

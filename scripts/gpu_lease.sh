@@ -21,8 +21,10 @@ TESTS_S="${TESTS_S:-120}"
 # then unknown options, which must not fail the run; only the engine's and models' tests are collected.
 TESTS=("$PYTHON" -m pytest -m gpu -p no:asyncio -p no:cacheprovider -W ignore::pytest.PytestConfigWarning
        -o "timeout=$TESTS_S" -q tests/pipelines tests/models)
+# `fast` before `quality`: if the compiles leave room for one only, the preset with the unknowns
+# (FP8, step caching: speed and fidelity) is the one measured.
 BENCH=("$PYTHON" scripts/bench_gpu.py --target cuda --models svd-xt --budget-s "$BUDGET_S" --batch-sizes 1,2
-       --option inductor_tuning=false --out-dir "$OUT")
+       --presets reference,fast,quality,reference+sage,fast+sage --option inductor_tuning=false --out-dir "$OUT")
 
 if [[ $DRY_RUN == 1 ]]; then
     echo "# install: $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $CARRY/*.whl"
