@@ -109,7 +109,8 @@ def draw(samples: list[Sample], arrivals: list[float], out: Any, title: str) -> 
     depth_axis.set_xlabel("seconds since the load started")
     depth_axis.set_ylabel("jobs")
     replicas_axis = depth_axis.twinx()
-    replicas_axis.step(ts, [s.wanted for s in samples], where="post", color="tab:orange", label="Generators wanted")
+    replicas_axis.step(ts, [s.wanted for s in samples], where="post", color="tab:orange", linewidth=3,
+                       linestyle="--", label="Generators wanted")
     replicas_axis.step(ts, [s.running for s in samples], where="post", color="tab:green", label="Generators running")
     replicas_axis.set_ylabel("Generator replicas")
     lines = depth_axis.get_legend_handles_labels()
