@@ -144,8 +144,10 @@ class RayCluster:
             if sid in sessions or str(self.temp_dir) in args:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-        if os.environ.get("SVD_TEST_KEEP_RAY_LOGS") != "1":
+        if os.environ.get("SVD_TEST_KEEP_RAY_LOGS") != "1":  # set it to read the logs after a failure
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+            for beside in self.temp_dir.parent.glob(f"{self.temp_dir.name}-*"):  # node logs, autoscaler config
+                beside.unlink(missing_ok=True)
 
 
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # what Ray's fake multi-node provider calls the head
