@@ -26,6 +26,7 @@ import structlog
 from serving.db.jobs import JobRecord
 from serving.errors import InvalidInput
 from serving.keys import Keys
+from serving.redis_clients import check_can_block
 from serving.types import JobStatus
 
 log = structlog.get_logger(__name__)
@@ -179,10 +180,17 @@ return id
 
 
 class EventStore:
-    """Writes and reads job event streams (async; the ingress and the dispatcher use it)."""
+    """Writes and reads job event streams (async; the ingress and the dispatcher use it).
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl_s: int, max_len: int) -> None:
+    `reader` serves `follow`'s blocking reads (XREAD BLOCK for a heartbeat interval): it must be a
+    `serving.redis_clients.blocking_client` whose read timeout outlasts the heartbeat; `client`
+    (quick commands) is used when none is given, and `follow` refuses it if it cannot block."""
+
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, *, ttl_s: int, max_len: int, reader: aioredis.Redis | None = None
+    ) -> None:
         self._redis = client
+        self._reader = reader or client
         self._keys = keys
         self._ttl_s = ttl_s
         self._max_len = max_len
@@ -242,13 +250,14 @@ class EventStore:
         last = after
         check = True
         block_ms = max(1, int(heartbeat_s * 1000))
+        check_can_block(self._reader, block_ms / 1000, "An event follower")
         while True:
             if check:
                 terminal_id = await settle()
                 if terminal_id is not None and _id_key(terminal_id) <= _id_key(last):
                     return
                 check = False
-            reply = await self._redis.xread({key: last}, count=100, block=block_ms)
+            reply = await self._reader.xread({key: last}, count=100, block=block_ms)
             if not reply:
                 check = True
                 yield HEARTBEAT

@@ -33,6 +33,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from serving.errors import PermanentError
+from serving.redis_clients import (
+    COMMAND_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    blocking_read_timeout,
+    check_can_block,
+)
 from serving.types import Priority, QueuedJob
 
 log = structlog.get_logger(__name__)
@@ -48,9 +54,6 @@ KEEP_FAILED: dict[str, int] = {"age": 7 * 24 * 3600, "count": 10000}
 _REMOVABLE_STATES = frozenset({"waiting", "prioritized", "delayed"})
 # A WATCH conflict means the job changed state under us; re-checking settles it in one more round.
 _REMOVE_ROUNDS = 5
-# Producer calls are single quick commands; fail fast when Redis is gone.
-_CONNECT_TIMEOUT_S = 2.0
-_COMMAND_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,9 @@ class JobQueue:
         client = aioredis.Redis.from_url(
             redis_url,
             decode_responses=True,  # BullMQ's scripts and parsers expect str
-            socket_connect_timeout=_CONNECT_TIMEOUT_S,
-            socket_timeout=_COMMAND_TIMEOUT_S,
+            # Producer calls are single quick commands; fail fast when Redis is gone.
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=COMMAND_TIMEOUT_S,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
@@ -254,6 +258,31 @@ class JobQueue:
         await self._queue.obliterate(force=True)
 
 
+def _longest_block_s(worker: Worker) -> float:
+    """The longest BZPOPMIN BullMQ's fetch loop issues (`Worker.getBlockTimeout`): the drain
+    delay when the queue is empty, else up to its cap until the next delayed job is due."""
+    return float(max(worker.opts.get("drainDelay", 5), worker.maximumBlockTimeout, worker.minimumBlockTimeout))
+
+
+def _pin_timeouts(worker: Worker) -> None:
+    """Give BullMQ's two connections read timeouts of our choosing before either connects.
+
+    BullMQ builds them from the URL with redis-py's defaults: under redis-py 8 its blocking
+    connection would time out (5 s) in the middle of a BZPOPMIN of up to 10 s on an idle queue.
+    The blocking one gets a timeout that outlasts the longest block; the other, which only sends
+    quick commands and scripts, the usual command timeout."""
+    backend = worker.backend
+    plans = ((backend.connection, COMMAND_TIMEOUT_S),
+             (backend.blocking_connection, blocking_read_timeout(_longest_block_s(worker))))
+    for connection, timeout_s in plans:
+        if connection is None:
+            continue
+        kwargs = connection.conn.connection_pool.connection_kwargs
+        kwargs.update(socket_timeout=timeout_s, socket_connect_timeout=CONNECT_TIMEOUT_S)
+    if backend.blocking_connection is not None:
+        check_can_block(backend.blocking_connection.conn, _longest_block_s(worker), "The queue consumer")
+
+
 class QueueConsumer:
     """Runs `handler` for each job: return = completed; `PermanentError` = failed without retry;
     any other exception = a failed attempt, retried with backoff until attempts run out.
@@ -297,6 +326,7 @@ class QueueConsumer:
         if self._worker is not None:
             raise RuntimeError("QueueConsumer already started")
         worker = Worker(self.queue_name, self._process, self._opts)
+        _pin_timeouts(worker)
         worker.on("error", self._on_error)
         worker.on("failed", self._on_failed)
         # Until it has asked the server for its version, BullMQ assumes Redis < 6 and rounds

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 import structlog
 from fastapi import FastAPI
 
@@ -26,6 +25,7 @@ from serving.keys import Keys
 from serving.observability.http_metrics import install_http_metrics
 from serving.observability.tracing import setup_observability
 from serving.queue import JobQueue
+from serving.redis_clients import command_client
 from serving.security.middleware import install_security_middleware
 from serving.security.setup import build_security
 from serving.settings import Settings
@@ -42,7 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
         if not settings.redis_url:
             raise RuntimeError("REDIS_URL is not set: the ingress needs the queue's Redis.")
         engine = make_engine(settings.resolved_database_url)
-        redis = aioredis.Redis.from_url(settings.redis_url)
+        redis = command_client(settings.redis_url)
         queue = JobQueue(settings.redis_url, settings.queue_name)
         delivery: DeliveryServices | None = None
         try:

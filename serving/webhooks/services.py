@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from serving.db.jobs import JobRepository
 from serving.events import EventStore, JobEventSink, SinkGroup, StreamEventSink
 from serving.keys import Keys
+from serving.redis_clients import blocking_client, command_client
 from serving.settings import Settings
 from serving.storage import ObjectStorage
 from serving.webhooks.delivery import DeliveryWorker
@@ -38,14 +39,20 @@ class DeliveryServices:
     inbound: InboundWebhooks
     tokens: CallbackTokens
     heartbeat_s: float
-    redis: aioredis.Redis  # its own client: followers hold connections in blocking XREADs
+    redis: aioredis.Redis  # quick commands of events and webhooks
+    # Followers' blocking XREADs, each held for up to `heartbeat_s`: their own connections, with
+    # a read timeout that outlasts the block (serving.redis_clients).
+    event_reader: aioredis.Redis
 
     async def aclose(self) -> None:
+        await self.event_reader.aclose()
         await self.redis.aclose()
 
 
-def _event_store(settings: Settings, client: aioredis.Redis, keys: Keys) -> EventStore:
-    return EventStore(client, keys, ttl_s=settings.events_ttl_s, max_len=settings.events_max_len)
+def _event_store(
+    settings: Settings, client: aioredis.Redis, keys: Keys, reader: aioredis.Redis | None = None
+) -> EventStore:
+    return EventStore(client, keys, ttl_s=settings.events_ttl_s, max_len=settings.events_max_len, reader=reader)
 
 
 def _outbox(settings: Settings, client: aioredis.Redis, keys: Keys, sessions: async_sessionmaker[AsyncSession],
@@ -75,8 +82,9 @@ def build_delivery_services(
     parse_secrets(settings.webhook_secrets)
     provider_secrets = parse_provider_secrets(settings.provider_webhook_secrets)
     keys = Keys(settings.key_prefix)
-    client = aioredis.Redis.from_url(settings.redis_url)
-    events = _event_store(settings, client, keys)
+    client = command_client(settings.redis_url)
+    reader = blocking_client(settings.redis_url, block_s=settings.events_heartbeat_s)
+    events = _event_store(settings, client, keys, reader)
     store, due, outbox = _outbox(settings, client, keys, sessions, storage)
     tokens = CallbackTokens(settings.url_signing_secret)
     inbound = InboundWebhooks(
@@ -96,6 +104,7 @@ def build_delivery_services(
         tokens=tokens,
         heartbeat_s=settings.events_heartbeat_s,
         redis=client,
+        event_reader=reader,
     )
 
 
@@ -126,7 +135,7 @@ def build_worker_delivery(
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set: events and webhooks live in Redis.")
     keys = Keys(settings.key_prefix)
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = command_client(settings.redis_url)  # publishes events; the dispatcher never follows
     events = _event_store(settings, client, keys)
     store, due, outbox = _outbox(settings, client, keys, sessions, storage)
     secrets = parse_secrets(settings.webhook_secrets)
