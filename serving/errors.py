@@ -131,6 +131,13 @@ class UnsafeUrl(InvalidInput):
     code = "unsafe_url"
 
 
+class InvalidUrl(UnsafeUrl):
+    """A URL that is not well formed: unparseable, without a host, or with a host name that no
+    resolver accepts (an empty label, a label over 63 characters, broken IDNA) or a bad port."""
+
+    code = "invalid_url"
+
+
 class FetchFailed(InvalidInput):
     """A public URL could not be fetched (HTTP error, timeout, too many redirects)."""
 

@@ -12,14 +12,21 @@ Every URL a user gives us (`imageUrl`, `webhookUrl`) goes through here. The rule
 - redirects are followed by hand, each hop checked again, at most `MAX_REDIRECTS`;
 - bodies are streamed with a byte limit and the whole exchange with a deadline.
 
-Public API: `check_public_url`, `fetch_public`, `guarded_client`, `UrlPolicy`, `Resolver`,
-`UnsafeUrl` (`serving.errors`, code `unsafe_url`).
+Every user URL is read by one parser, `parse_url`: a URL that is not well formed, or whose host
+no resolver would accept (an empty label as in `a..example.com`, a label over 63 characters,
+`xn--` labels that are not valid IDNA, characters outside letters, digits, `-` and `_`), is refused
+with `InvalidUrl` (422 `invalid_url`) before anything is resolved; what is well formed but not
+allowed gets `UnsafeUrl` (422 `unsafe_url`).
+
+Public API: `parse_url`, `check_public_url`, `fetch_public`, `guarded_client`, `UrlPolicy`,
+`Resolver`, `UnsafeUrl` and `InvalidUrl` (`serving.errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import httpcore
 import httpx
 
-from serving.errors import FetchFailed, PayloadTooLarge, UnsafeUrl
+from serving.errors import FetchFailed, InvalidUrl, PayloadTooLarge, UnsafeUrl
 
 if TYPE_CHECKING:
     from serving.settings import Settings
@@ -42,6 +49,11 @@ Resolver = Callable[[str], Awaitable[Sequence[str]]]
 
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# A DNS name (RFC 1035, as resolvers take it): at most 253 characters without the final dot,
+# labels of 1 to 63 letters, digits, hyphens (not at either end) and underscores (SRV-style
+# names that resolvers accept).
+MAX_HOST_NAME = 253
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 # Ranges refused on top of what `ipaddress` already calls non-global: spelled out so that the
 # policy does not depend on the Python patch release (3.11.x changed `is_private` twice).
@@ -175,6 +187,8 @@ async def system_resolver(host: str) -> Sequence[str]:
         infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise FetchFailed(f"The host {host!r} could not be resolved.", code="unresolvable_host") from exc
+    except UnicodeError as exc:  # the socket module's IDNA codec; `check_host_name` refuses these first
+        raise InvalidUrl(f"The host {host!r} is not a valid host name.") from exc
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
@@ -187,6 +201,7 @@ async def resolve_checked(host: str, policy: UrlPolicy) -> list[IPAddress]:
     if literal is not None:
         addresses: list[IPAddress] = [literal]
     else:
+        check_host_name(host)
         if host.rstrip(".").lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
             if not policy.allow_private:
                 raise UnsafeUrl(f"The host {host!r} is local; only public addresses may be fetched.")
@@ -210,30 +225,74 @@ async def resolve_checked(host: str, policy: UrlPolicy) -> list[IPAddress]:
 # URL checks ----------------------------------------------------------------------------------
 
 
-def _parse(url: str | httpx.URL) -> httpx.URL:
+def check_host_name(host: str) -> str:
+    """`host` (ASCII form) if it is an IP address or a host name a resolver accepts; else
+    `InvalidUrl` saying what is wrong with it."""
+    if _literal_address(host) is not None:
+        return host
+    name = host[:-1] if host.endswith(".") else host
+    if not name:
+        raise InvalidUrl("The URL has no host.")
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    if len(name) > MAX_HOST_NAME:
+        raise InvalidUrl(f"The host {shown!r} is longer than {MAX_HOST_NAME} characters.")
+    for label in name.split("."):
+        if not label:
+            raise InvalidUrl(f"The host {shown!r} has an empty label (two dots in a row, or a leading dot).")
+        if len(label) > 63:
+            raise InvalidUrl(f"The host {shown!r} has a label longer than 63 characters.")
+        if not _HOST_LABEL.fullmatch(label):
+            raise InvalidUrl(
+                f"The host {shown!r} is not a valid host name: labels hold letters, digits, '-' and '_', "
+                "and do not start or end with '-'."
+            )
+    return host
+
+
+def parse_url(url: str | httpx.URL) -> httpx.URL:
+    """The one parser of user-supplied URLs: an `httpx.URL` whose host (if any) is a valid IP
+    address or host name and whose port is in range; anything else raises `InvalidUrl`. The
+    scheme is not judged here (`check_url_syntax` does, under a policy)."""
     try:
         parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise UnsafeUrl("The URL is not a valid absolute URL.") from exc
+        raw_host = parsed.raw_host.decode("ascii")  # IDNA-encoded by httpx: xn-- labels
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
+        raise InvalidUrl("The URL is not a valid absolute URL.") from exc
+    if raw_host:
+        check_host_name(raw_host)
+        try:
+            _ = parsed.host  # decodes the xn-- labels: refuses punycode that is not valid IDNA
+        except (UnicodeError, ValueError) as exc:
+            raise InvalidUrl(f"The host {raw_host[:80]!r} is not a valid internationalized (IDNA) name.") from exc
+    if port is not None and not 0 < port < 65536:
+        raise InvalidUrl("The URL's port is not valid.")
     return parsed
+
+
+def host_of(url: httpx.URL) -> str:
+    """The host as resolvers take it (ASCII, IDNA-encoded) of a URL from `parse_url`."""
+    return url.raw_host.decode("ascii")
 
 
 def check_url_syntax(url: str | httpx.URL, policy: UrlPolicy) -> httpx.URL:
     """Scheme, host and port checks that need no DNS. Returns the parsed URL."""
-    parsed = _parse(url)
+    parsed = parse_url(url)
     allowed = ("https", "http") if policy.allow_http else ("https",)
     if parsed.scheme not in allowed:
         wanted = " or ".join(allowed)
         raise UnsafeUrl(f"URLs with scheme {parsed.scheme or 'none'!r} are refused; use {wanted}.")
-    if not parsed.host:
-        raise UnsafeUrl("The URL has no host.")
-    try:
-        port = parsed.port
-    except ValueError as exc:
-        raise UnsafeUrl("The URL's port is not valid.") from exc
-    if port is not None and not 0 < port < 65536:
-        raise UnsafeUrl("The URL's port is not valid.")
+    if not parsed.raw_host:
+        raise InvalidUrl("The URL has no host.")
     return parsed
+
+
+def _redirect_target(current: httpx.URL, location: str, policy: UrlPolicy) -> httpx.URL:
+    try:
+        target = current.join(location)
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
+        raise InvalidUrl("The server redirected to a URL that is not valid.") from exc
+    return check_url_syntax(target, policy)
 
 
 async def check_public_url(
@@ -250,7 +309,7 @@ async def check_public_url(
     connection, so a host that changes its DNS later is still refused then."""
     effective = _policy(policy, allow_http, allow_private, resolver)
     parsed = check_url_syntax(url, effective)
-    await resolve_checked(parsed.host, effective)
+    await resolve_checked(host_of(parsed), effective)
 
 
 # The pinned transport ------------------------------------------------------------------------
@@ -356,11 +415,11 @@ async def fetch_public(
     try:
         async with asyncio.timeout(timeout_s), guarded_client(timeout_s=timeout_s, policy=effective) as client:
             for _ in range(max_redirects + 1):
-                await resolve_checked(current.host, effective)  # a clear refusal before connecting
+                await resolve_checked(host_of(current), effective)  # a clear refusal before connecting
                 # identity: a compressed body could expand far past max_bytes within one chunk
                 async with client.stream("GET", current, headers={"Accept-Encoding": "identity"}) as response:
                     if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
-                        current = check_url_syntax(current.join(response.headers["location"]), effective)
+                        current = _redirect_target(current, response.headers["location"], effective)
                         continue
                     if response.status_code != 200:
                         raise FetchFailed(f"The server answered HTTP {response.status_code}.")

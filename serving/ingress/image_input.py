@@ -12,16 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-import httpx
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.errors import FetchFailed, InvalidInput, PayloadTooLarge, UnsafeUrl, UnsupportedMediaType
+from serving.errors import FetchFailed, InvalidInput, InvalidUrl, PayloadTooLarge, UnsafeUrl, UnsupportedMediaType
 from serving.ingress.schemas import AnimateJsonBody, AnimateOptions
 from serving.ingress.validation import check_metadata
-from serving.netguard import UrlPolicy, fetch_public
+from serving.netguard import UrlPolicy, fetch_public, parse_url
 from serving.security.images import check_declared_type
 
 FETCH_TIMEOUT_S = 15.0
@@ -188,15 +187,15 @@ async def fetch_image(
 ) -> bytes:
     """Download `imageUrl` through the SSRF guard, with size and time limits."""
     try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        parsed = None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        parsed = parse_url(url)
+    except InvalidUrl as exc:
+        raise InvalidUrl(f"`imageUrl` is refused: {exc.message}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.raw_host:
         raise InvalidInput("`imageUrl` must be an absolute http(s) URL.", code="invalid_image_url")
     try:
         return await fetch_public(url, max_bytes=max_bytes, timeout_s=timeout_s, policy=policy or UrlPolicy())
-    except UnsafeUrl as exc:
-        raise UnsafeUrl(f"`imageUrl` is refused: {exc.message}") from exc
+    except UnsafeUrl as exc:  # InvalidUrl included: the same class, with the field named
+        raise type(exc)(f"`imageUrl` is refused: {exc.message}") from exc
     except PayloadTooLarge as exc:
         raise PayloadTooLarge(f"The image at `imageUrl` is larger than the {max_bytes}-byte limit.") from exc
     except FetchFailed as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import httpx
 
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, UnsafeUrl
 from serving.netguard import UrlPolicy, check_public_url, guarded_client
 from serving.settings import Settings
 from serving.webhooks.signing import parse_secrets
@@ -22,8 +22,12 @@ def webhook_url_policy(settings: Settings) -> UrlPolicy:
 
 
 async def check_webhook_url(url: str, settings: Settings) -> None:
-    """Raise `UnsafeUrl` (422 `unsafe_url`) unless we may deliver to `url`."""
-    await check_public_url(url, policy=webhook_url_policy(settings))
+    """Raise `UnsafeUrl` (422 `unsafe_url`; `InvalidUrl`, 422 `invalid_url`, for a malformed
+    URL or host name) unless we may deliver to `url`."""
+    try:
+        await check_public_url(url, policy=webhook_url_policy(settings))
+    except UnsafeUrl as exc:
+        raise type(exc)(f"`webhookUrl` is refused: {exc.message}") from exc
 
 
 def webhook_client(settings: Settings) -> httpx.AsyncClient:

@@ -13,8 +13,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serving.errors import FetchFailed, PayloadTooLarge, UnsafeUrl
-from serving.netguard import Resolver, UrlPolicy, blocked_reason, check_public_url, fetch_public, guarded_client
+from serving.errors import FetchFailed, InvalidUrl, PayloadTooLarge, UnsafeUrl
+from serving.netguard import (
+    Resolver,
+    UrlPolicy,
+    blocked_reason,
+    check_public_url,
+    fetch_public,
+    guarded_client,
+    parse_url,
+    resolve_checked,
+    system_resolver,
+)
 
 
 class TrapListener:
@@ -213,7 +223,9 @@ async def test_ssrf_table_is_refused_before_any_connection(trap: TrapListener, p
     for name, url in ssrf_cases(trap, public_server):
         with pytest.raises(UnsafeUrl) as info:
             await fetch_public(url, max_bytes=1 << 20, timeout_s=5, policy=policy)
-        assert info.value.code == "unsafe_url" and info.value.status == 422, name
+        # Malformed rather than forbidden: no host at all, and an octal IPv4 that httpx cannot parse.
+        expected = "invalid_url" if name in ("no host", "octal loopback") else "unsafe_url"
+        assert info.value.code == expected and info.value.status == 422, name
         refused.append(name)
     assert len(refused) >= 30
     assert trap.accepted == 0
@@ -362,3 +374,60 @@ async def test_policy_from_settings() -> None:
     assert not prod.allow_http and prod.allowed_networks == (ipaddress.ip_network("10.20.0.0/16"),)
     assert blocked_reason(ipaddress.ip_address("10.20.1.1"), prod) is None
     assert blocked_reason(ipaddress.ip_address("10.21.1.1"), prod) is not None
+
+
+# Host names that break IDNA or DNS: each used to escape as a UnicodeError (a 500) from httpx's
+# host decoding or from the resolver's IDNA codec.
+MALFORMED_HOSTS = [
+    ("64-character label", "http://" + "a" * 64 + ".example.com/x.png", "longer than 63"),
+    ("empty label", "http://a..example.com/", "empty label"),
+    ("leading dot", "http://.example.com/", "empty label"),
+    ("invalid punycode", "http://xn--a.com/", "IDNA"),
+    ("punycode of a disallowed code point", "http://xn--n3h.com/", "IDNA"),  # U+2603 SNOWMAN
+    ("name over 253 characters", "http://" + ("a" * 60 + ".") * 5 + "com/", "longer than 253"),
+    ("percent in the host", "http://ex%00ample.com/", "not a valid host name"),
+    ("space in the host", "http://exa mple.com/", "not a valid host name"),
+    ("hyphen at a label's start", "http://-a.example.com/", "not a valid host name"),
+    ("port out of range", "http://example.com:99999/", "port"),
+    ("unbalanced bracket", "http://[::1/", "not a valid absolute URL"),
+    ("NUL in the URL", "http://exa\x00mple.com/", "not a valid absolute URL"),
+]
+
+
+@pytest.mark.parametrize("case,url,reason", MALFORMED_HOSTS, ids=[c[0] for c in MALFORMED_HOSTS])
+async def test_malformed_hosts_are_invalid_urls_before_any_lookup(
+    case: str, url: str, reason: str, trap: TrapListener
+) -> None:
+    looked_up: list[str] = []
+
+    async def recording(host: str) -> Sequence[str]:
+        looked_up.append(host)
+        return ["93.184.216.34"]
+
+    with pytest.raises(InvalidUrl, match=reason) as parsed:
+        parse_url(url)
+    assert parsed.value.code == "invalid_url" and parsed.value.status == 422
+    with pytest.raises(InvalidUrl, match=reason):
+        await check_public_url(url, allow_http=True, resolver=recording)  # the webhookUrl path
+    with pytest.raises(InvalidUrl, match=reason):
+        await fetch_public(url, max_bytes=100, timeout_s=5, allow_http=True, resolver=recording)  # imageUrl
+    assert looked_up == [] and trap.accepted == 0
+
+
+async def test_well_formed_unusual_hosts_still_pass() -> None:
+    for url, host in (("https://caf\u00e9.example/x.png", "xn--caf-dma.example"),
+                      ("https://xn--caf-dma.example/x.png", "xn--caf-dma.example"),
+                      ("https://_srv.example.com./x", "_srv.example.com."),
+                      ("https://" + "a" * 63 + ".example/x", "a" * 63 + ".example"),
+                      ("http://[2606:4700:4700::1111]:8443/x", "2606:4700:4700::1111")):
+        assert parse_url(url).raw_host.decode() == host
+
+
+async def test_resolvers_never_see_a_malformed_name() -> None:
+    """The transport hands resolve_checked the host of each connection; a name that slipped past
+    the URL checks is still refused there, and the system resolver's IDNA errors are 422s too."""
+    for host in ("a..example.com", "a" * 64 + ".example.com"):
+        with pytest.raises(InvalidUrl):
+            await resolve_checked(host, UrlPolicy())
+        with pytest.raises(InvalidUrl):
+            await system_resolver(host)
