@@ -23,6 +23,7 @@ import redis
 import redis.asyncio as aioredis
 import structlog
 
+from serving import strict_json
 from serving.db.jobs import JobRecord
 from serving.errors import InvalidInput
 from serving.keys import Keys
@@ -137,7 +138,7 @@ def _now_iso() -> str:
 
 
 def _fields(event_type: EventType, data: dict[str, Any]) -> dict[str, str]:
-    return {"type": event_type.value, "data": json.dumps(data, separators=(",", ":"))}
+    return {"type": event_type.value, "data": strict_json.dumps(data)}  # served as is: strict JSON
 
 
 def _decode(job_id: str, entry_id: Any, fields: dict[Any, Any]) -> JobEvent:

@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
+from serving import strict_json
+
 # How long a SQLite writer waits for another writer's lock before failing ("database is locked").
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -35,6 +37,9 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """An `AsyncEngine` tuned for its database; `kwargs` go to `create_async_engine`."""
     url = async_database_url(url)
     parsed = make_url(url)
+    # JSON columns are written as strict JSON on both stores: SQLite would keep a NaN that
+    # PostgreSQL's JSONB refuses (serving.strict_json).
+    kwargs.setdefault("json_serializer", strict_json.dumps)
     if parsed.get_backend_name() != "sqlite":
         # Connections die behind load balancers and on failover; check before use.
         kwargs.setdefault("pool_pre_ping", True)

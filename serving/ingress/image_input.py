@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,9 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import FetchFailed, InvalidInput, InvalidUrl, PayloadTooLarge, UnsafeUrl, UnsupportedMediaType
 from serving.ingress.schemas import AnimateJsonBody, AnimateOptions
-from serving.ingress.validation import check_metadata
+from serving.ingress.validation import MAX_METADATA_BYTES, check_metadata, check_storable
 from serving.netguard import UrlPolicy, fetch_public, parse_url
 from serving.security.images import check_declared_type
+from serving.strict_json import loads as strict_loads
 
 FETCH_TIMEOUT_S = 15.0
 
@@ -48,39 +48,46 @@ def _parse_options(model: type[AnimateOptions], data: dict[str, Any]) -> Animate
         options = model.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(_validation_message(exc), code="invalid_input") from exc
+    check_storable(options)  # before anything reads the values as text
     check_metadata(options.metadata)
     return options
 
 
-def _loads(raw: str | bytes, what: str) -> Any:
+async def _metadata_part(value: str | UploadFile) -> Any:
+    """`metadata` as a form field, or as a file part (`-F 'metadata=@m.json'`): JSON either way."""
+    if isinstance(value, UploadFile):
+        # Bounded like the field: the JSON of accepted metadata is at most MAX_METADATA_BYTES
+        # compact, so four times that covers any indentation a client may send.
+        limit = 4 * MAX_METADATA_BYTES
+        raw: str | bytes = await value.read(limit + 1)
+        if len(raw) > limit:
+            raise InvalidInput(f"The `metadata` file is over {limit} bytes.", code="metadata_too_large")
+    else:
+        raw = value
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{what} is not valid JSON: {exc.msg}.", code="invalid_json") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"{what} is not valid JSON: it is not UTF-8 text.", code="invalid_json") from exc
-    except RecursionError:
-        # A few hundred thousand nested brackets exhaust the parser's stack: refuse, do not crash.
-        raise InvalidInput(f"{what} is nested too deeply.", code="invalid_json") from None
+        return strict_loads(raw, "`metadata`")
+    except InvalidInput as exc:
+        raise InvalidInput(f"`metadata` must be a JSON object ({exc.message})", code="invalid_input") from exc
 
 
-def _form_to_dict(form: Any) -> dict[str, Any]:
-    """Multipart fields arrive as strings; lists and objects as JSON or comma-separated text."""
+async def _form_to_dict(form: Any) -> dict[str, Any]:
+    """Multipart fields arrive as strings; lists and objects as JSON or comma-separated text.
+    Only `image` (and `metadata`, as JSON) may be file parts."""
     data: dict[str, Any] = {}
     for key in form.keys():
         if key == "image":
             continue
         values = form.getlist(key)
+        if key == "metadata":
+            data[key] = await _metadata_part(values[-1])
+            continue
+        if any(isinstance(value, UploadFile) for value in values):
+            raise InvalidInput(f"`{key[:64]}` must be a text field, not a file.", code="invalid_multipart")
         if key == "outputs":
             items: list[str] = []
             for value in values:
                 items.extend(v.strip() for v in str(value).split(",") if v.strip())
             data[key] = items
-        elif key == "metadata":
-            try:
-                data[key] = _loads(values[-1], "`metadata`")
-            except InvalidInput as exc:
-                raise InvalidInput(f"`metadata` must be a JSON object ({exc.message})", code="invalid_input") from exc
         else:
             data[key] = values[-1]
     return data
@@ -120,20 +127,20 @@ async def _read_multipart(request: Request, max_bytes: int) -> Submission:
     # The form owns spooled temp files: closed whatever happens.
     try:
         upload = form.get("image")
-        fields = _form_to_dict(form)
-        has_url = bool(fields.pop("imageUrl", None) or fields.pop("imageBase64", None))
+        has_url = any(form.get(name) for name in ("imageUrl", "imageBase64"))
         if upload is None or not isinstance(upload, UploadFile):
             if has_url:
                 raise InvalidInput(
                     "Send `imageUrl` as JSON; multipart requests carry an `image` file.", code="invalid_image_source"
                 )
-            if not fields:
+            if not any(key != "image" for key in form.keys()):
                 raise InvalidInput("The request body is empty: an `image` file is required.", code="empty_body")
             raise InvalidInput("An `image` file is required.", code="missing_image")
         if has_url:
             raise InvalidInput(
                 "Send either an `image` file or `imageUrl`/`imageBase64`, not both.", code="invalid_image_source"
             )
+        fields = await _form_to_dict(form)
         options = _parse_options(AnimateOptions, fields)
         if upload.size is not None and upload.size > max_bytes:
             raise PayloadTooLarge(f"The image is larger than the {max_bytes}-byte limit.")
@@ -151,7 +158,7 @@ async def _read_json(request: Request, max_bytes: int, url_policy: UrlPolicy, fe
     raw = await request.body()
     if not raw.strip():
         raise InvalidInput("The request body is empty: send `imageUrl` or `imageBase64`.", code="empty_body")
-    payload = _loads(raw, "The body")
+    payload = strict_loads(raw, "The body")
     if not isinstance(payload, dict):
         raise InvalidInput("The JSON body must be an object.", code="invalid_json")
     if not payload:

@@ -10,7 +10,6 @@ A `completed` event gets fresh download URLs each time it is served.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated
 
@@ -19,6 +18,7 @@ from fastapi import APIRouter, Header, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from starlette.requests import HTTPConnection
 
+from serving import strict_json
 from serving.db.jobs import JobRecord
 from serving.errors import NotFound, SvdServeError
 from serving.events import (
@@ -82,7 +82,7 @@ async def _served(services: Services, event: JobEvent) -> JobEvent:
 
 
 def _sse(event: JobEvent) -> str:
-    payload = json.dumps(event.data, separators=(",", ":"))
+    payload = strict_json.dumps(event.data)
     return f"id: {event.id}\nevent: {event.type.value}\ndata: {payload}\n\n"
 
 
@@ -157,9 +157,9 @@ async def job_events_ws(websocket: WebSocket, job_id: str) -> None:
         try:
             async for item in stream:
                 if isinstance(item, Heartbeat):
-                    await websocket.send_json({"event": "heartbeat"})
+                    await websocket.send_text(strict_json.dumps({"event": "heartbeat"}))
                 else:
-                    await websocket.send_json((await _served(services, item)).message())
+                    await websocket.send_text(strict_json.dumps((await _served(services, item)).message()))
         finally:
             await stream.aclose()
 

@@ -9,9 +9,12 @@ from typing import Any
 
 from models.errors import UnknownModel
 from models.registry import get_spec
+from pydantic import BaseModel
+
 from models.specs import ModelSpec
 from serving.errors import InvalidInput, UnsupportedMediaType
 from serving.ingress.schemas import OUTPUT_KINDS, AnimateOptions
+from serving.strict_json import unstorable
 from serving.media import interpolated_frame_count, ping_pong_frame_count
 from serving.security.images import decode_and_reencode, hidden_trailer, sniff_format
 from serving.types import JobParams
@@ -59,6 +62,17 @@ def check_image(data: bytes) -> CheckedImage:
     png, width, height = decode_and_reencode(data, fmt, max_pixels=MAX_IMAGE_PIXELS, max_side=MAX_IMAGE_SIDE)
     return CheckedImage(data=png, extension="png", content_type="image/png", width=width, height=height,
                         source_format=fmt)
+
+
+def check_storable(body: BaseModel) -> None:
+    """Every text and JSON field of a request must be stored and read back intact by both job
+    stores: no NUL character (PostgreSQL's text and JSONB refuse it, SQLite keeps it), no lone
+    surrogate (not Unicode text), no NaN or infinity (not JSON). Refused here, before anything
+    is stored, with the field and the path inside it."""
+    for name, field in type(body).model_fields.items():
+        problem = unstorable(getattr(body, name), field.alias or name)
+        if problem:
+            raise InvalidInput(f"{problem}.", code="invalid_input")
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> None:

@@ -20,7 +20,6 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
-import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import structlog
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
+from serving import strict_json
 from serving.errors import InvalidInput, NotFound, RetryableError, SvdServeError, Unauthorized
 from serving.keys import Keys
 from serving.webhooks.signing import parse_secrets
@@ -227,10 +227,7 @@ class InboundWebhooks:
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput("The webhook body is not JSON.", code="invalid_json") from exc
+    payload = strict_json.loads(body, "The webhook body")  # NaN, Infinity and lone surrogates are not JSON
     if not isinstance(payload, dict):
         raise InvalidInput("The webhook body must be a JSON object.", code="invalid_json")
     return payload

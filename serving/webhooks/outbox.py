@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import structlog
 
+from serving import strict_json
 from serving.db.jobs import JobRecord, JobRepository
 from serving.storage import ObjectStorage
 from serving.types import JobStatus
@@ -88,7 +89,7 @@ class WebhookOutbox:
         if not record.status.terminal or not record.webhook_url:
             raise ValueError(f"job {record.id} has no outcome to announce")
         event_type = EVENT_TYPES[record.status]
-        body = json.dumps(await self.payload(record, event_type), separators=(",", ":"))
+        body = strict_json.dumps(await self.payload(record, event_type))  # receivers parse strictly
         delivery, created = await self._store.create(
             job_id=record.id, owner_id=record.owner_id, url=record.webhook_url, event_type=event_type, payload=body
         )
@@ -131,7 +132,7 @@ class WebhookOutbox:
             return delivery.payload
         body = json.loads(delivery.payload)
         body["data"].update(await self._download_urls(record))
-        return json.dumps(body, separators=(",", ":"))
+        return strict_json.dumps(body)
 
     async def _download_urls(self, record: JobRecord) -> dict[str, str | None]:
         urls: dict[str, str | None] = {"resultUrl": None, "thumbnailUrl": None}

@@ -1,11 +1,16 @@
 """Hostile input over HTTP: bombs, truncated files, polyglots, wrong types, empty and oversized
-files, hostile JSON and URLs. Each answers 4xx fast and leaves nothing behind (no object, no row,
-no queue entry); the service keeps accepting good input afterwards."""
+files, hostile JSON, text and URLs. Each answers 4xx fast and leaves nothing behind (no object, no
+row, no queue entry); the service keeps accepting good input afterwards.
+
+Store-agnostic: every test on a running ingress runs against PostgreSQL and against SQLite (the
+`database_url` fixture), because the two refuse different things (NUL, NaN) and a test on one
+store is half a test."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import struct
 import time
@@ -23,7 +28,7 @@ from tests.serving.test_api_keys import App, app_settings, png_bytes, running_ap
 from tests.serving.test_netguard import HttpServer, Route, TrapListener
 
 MAX_UPLOAD = 256 * 1024
-OWNER = "mallory"
+WEBHOOK_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD3CUf1w/Iw6s="
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
@@ -116,16 +121,23 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def app(sqlite_url: str, redis_url: str, unique_prefix: str, tmp_path: Path) -> AsyncIterator[App]:
-    settings = app_settings(sqlite_url, redis_url, unique_prefix, tmp_path, max_upload_bytes=MAX_UPLOAD,
-                            outbound_allowed_networks=["127.0.0.2/32"])
+def owner(unique_prefix: str) -> str:
+    """The caller of one test: its own owner, so that "nothing stored" holds on the session's
+    shared PostgreSQL database too."""
+    return f"mallory-{unique_prefix}"
+
+
+@pytest.fixture
+async def app(database_url: str, redis_url: str, unique_prefix: str, tmp_path: Path) -> AsyncIterator[App]:
+    settings = app_settings(database_url, redis_url, unique_prefix, tmp_path, max_upload_bytes=MAX_UPLOAD,
+                            outbound_allowed_networks=["127.0.0.2/32"], webhook_secrets=WEBHOOK_SECRET)
     async with running_app(settings) as running:
         yield running
 
 
 @pytest.fixture
-async def client(app: App) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.client(await app.new_key(OWNER)) as c:
+async def client(app: App, owner: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.client(await app.new_key(owner)) as c:
         yield c
 
 
@@ -143,10 +155,10 @@ def public_server() -> Iterator[HttpServer]:
     server.close()
 
 
-async def assert_nothing_left(app: App) -> None:
+async def assert_nothing_left(app: App, owner: str) -> None:
     assert app.stored_objects() == []
     assert await app.queued() == 0
-    assert (await app.services.jobs.list_for_owner(OWNER, limit=10))[0] == []
+    assert (await app.services.jobs.list_for_owner(owner, limit=10))[0] == []
 
 
 async def assert_still_serving(client: httpx.AsyncClient) -> None:
@@ -156,7 +168,7 @@ async def assert_still_serving(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize("case,data,declared,status,code", HOSTILE_FILES, ids=[c[0] for c in HOSTILE_FILES])
 async def test_hostile_files_are_refused_fast(
-    app: App, client: httpx.AsyncClient, case: str, data: bytes, declared: str, status: int, code: str
+    app: App, owner: str, client: httpx.AsyncClient, case: str, data: bytes, declared: str, status: int, code: str
 ) -> None:
     started = time.monotonic()
     response = await client.post("/api/v1/animate-image", files={"image": ("upload", data, declared)},
@@ -167,16 +179,16 @@ async def test_hostile_files_are_refused_fast(
     assert response.json()["code"] == code
     assert response.headers["x-request-id"]
     assert elapsed < 3, f"{case} took {elapsed:.1f} s"
-    await assert_nothing_left(app)
+    await assert_nothing_left(app, owner)
     # The same bytes as base64 JSON are refused alike (only the size limit answers first there).
     if data and declared.startswith("image/") and status != 415:
         as_json = await client.post("/api/v1/animate-image", json={"imageBase64": base64.b64encode(data).decode()})
         assert as_json.status_code == status and as_json.json()["code"] == code
-        await assert_nothing_left(app)
+        await assert_nothing_left(app, owner)
     await assert_still_serving(client)
 
 
-async def test_body_limit_stops_a_streamed_upload_early(app: App, client: httpx.AsyncClient) -> None:
+async def test_body_limit_stops_a_streamed_upload_early(app: App, owner: str, client: httpx.AsyncClient) -> None:
     """Without Content-Length the body is refused once it passes the limit: far from all of a
     10 MB stream is read."""
     sent = 0
@@ -197,7 +209,7 @@ async def test_body_limit_stops_a_streamed_upload_early(app: App, client: httpx.
     declared = await client.post("/api/v1/animate-image", content=b"x",
                                  headers={"Content-Type": "application/json", "Content-Length": str(10**9)})
     assert declared.status_code == 413
-    await assert_nothing_left(app)
+    await assert_nothing_left(app, owner)
 
 
 async def test_exif_orientation_is_applied_and_only_pixels_are_stored(app: App, client: httpx.AsyncClient) -> None:
@@ -225,7 +237,7 @@ HOSTILE_JSON = [
      "metadata_too_large"),
     ("prompt too long", b'{"imageBase64": "aGk=", "prompt": "' + b"p" * 2001 + b'"}', 422, "invalid_input"),
     ("huge numFrames", b'{"imageBase64": "aGk=", "numFrames": 1' + b"0" * 40 + b"}", 422, "invalid_num_frames"),
-    ("NaN noise", b'{"imageBase64": "aGk=", "noiseAugStrength": NaN}', 422, "invalid_input"),
+    ("NaN noise", b'{"imageBase64": "aGk=", "noiseAugStrength": NaN}', 422, "invalid_json"),  # not JSON
     ("negative seed", b'{"imageBase64": "aGk=", "seed": -1}', 422, "invalid_input"),
     ("fps out of range", b'{"imageBase64": "aGk=", "fps": 1000}', 422, "invalid_input"),
     ("not an object", b'"just a string"', 422, "invalid_json"),
@@ -233,25 +245,127 @@ HOSTILE_JSON = [
 
 
 @pytest.mark.parametrize("case,body,status,code", HOSTILE_JSON, ids=[c[0] for c in HOSTILE_JSON])
-async def test_hostile_json_is_refused(app: App, client: httpx.AsyncClient, case: str, body: bytes, status: int,
-                                       code: str) -> None:
+async def test_hostile_json_is_refused(app: App, owner: str, client: httpx.AsyncClient, case: str, body: bytes,
+                                       status: int, code: str) -> None:
     valid = base64.b64encode(png_bytes()).decode().encode()
     response = await client.post("/api/v1/animate-image", content=body.replace(b'"aGk="', b'"' + valid + b'"'),
                                  headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
     assert response.json()["code"] == code
-    await assert_nothing_left(app)
+    await assert_nothing_left(app, owner)
 
 
-async def test_wrong_request_content_types(app: App, client: httpx.AsyncClient) -> None:
+# Text and JSON that PostgreSQL cannot store (SQLite can), or that is not JSON at all. Each was a
+# 500 on PostgreSQL, or a 202 whose status echoed `null` and whose webhook carried a bare NaN.
+HOSTILE_TEXT = [
+    ("NUL in prompt", b'{"imageBase64": "aGk=", "prompt": "a\\u0000b"}', "invalid_input"),
+    ("NUL in model", b'{"imageBase64": "aGk=", "model": "tiny-random\\u0000"}', "invalid_input"),
+    ("NUL in a metadata value", b'{"imageBase64": "aGk=", "metadata": {"k": "a\\u0000"}}', "invalid_input"),
+    ("NUL in a metadata key", b'{"imageBase64": "aGk=", "metadata": {"k\\u0000": 1}}', "invalid_input"),
+    ("NUL deep in metadata", b'{"imageBase64": "aGk=", "metadata": {"a": [{"b": "\\u0000"}]}}', "invalid_input"),
+    ("lone surrogate in a metadata value", b'{"imageBase64": "aGk=", "metadata": {"x": "\\ud800"}}', "invalid_json"),
+    ("lone surrogate in a metadata key", b'{"imageBase64": "aGk=", "metadata": {"\\udc00": 1}}', "invalid_json"),
+    ("lone surrogate in prompt", b'{"imageBase64": "aGk=", "prompt": "\\udfff"}', "invalid_json"),
+    ("NaN in metadata", b'{"imageBase64": "aGk=", "metadata": {"x": NaN}}', "invalid_json"),
+    ("Infinity in metadata", b'{"imageBase64": "aGk=", "metadata": {"x": Infinity}}', "invalid_json"),
+    ("-Infinity deep in metadata", b'{"imageBase64": "aGk=", "metadata": {"a": [1, -Infinity]}}', "invalid_json"),
+]
+
+
+@pytest.mark.parametrize("case,body,code", HOSTILE_TEXT, ids=[c[0] for c in HOSTILE_TEXT])
+async def test_text_no_store_can_keep_is_refused(app: App, owner: str, client: httpx.AsyncClient, case: str,
+                                                 body: bytes, code: str) -> None:
+    valid = base64.b64encode(png_bytes()).decode().encode()
+    response = await client.post("/api/v1/animate-image", content=body.replace(b'"aGk="', b'"' + valid + b'"'),
+                                 headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == code
+    await assert_nothing_left(app, owner)
+    await assert_still_serving(client)
+
+
+# (case, text fields, extra file parts, code): multipart forms of the same, and `metadata` as a file.
+HOSTILE_FORMS: list[tuple[str, dict[str, str], dict[str, tuple[str, bytes, str]], str]] = [
+    ("NUL in prompt", {"prompt": "a\x00b"}, {}, "invalid_input"),
+    ("NUL in a metadata field", {"metadata": '{"k": "\\u0000"}'}, {}, "invalid_input"),
+    ("NaN in a metadata field", {"metadata": '{"x": NaN}'}, {}, "invalid_input"),
+    ("lone surrogate in a metadata field", {"metadata": '{"x": "\\ud800"}'}, {}, "invalid_input"),
+    ("metadata file of invalid JSON", {}, {"metadata": ("m.json", b"{nope", "application/json")}, "invalid_input"),
+    ("metadata file that is not an object", {}, {"metadata": ("m.json", b"[1, 2]", "application/json")},
+     "invalid_input"),
+    ("metadata file of binary", {}, {"metadata": ("m.bin", b"\xff\xfe\x00\x01", "application/octet-stream")},
+     "invalid_input"),
+    ("metadata file with Infinity", {}, {"metadata": ("m.json", b'{"x": Infinity}', "application/json")},
+     "invalid_input"),
+    ("metadata file too large", {}, {"metadata": ("m.json", b'{"a": "' + b"x" * 70_000 + b'"}', "application/json")},
+     "metadata_too_large"),
+    ("prompt as a file", {}, {"prompt": ("p.txt", b"a cat", "text/plain")}, "invalid_multipart"),
+]
+
+
+@pytest.mark.parametrize("case,fields,parts,code", HOSTILE_FORMS, ids=[c[0] for c in HOSTILE_FORMS])
+async def test_hostile_form_fields_are_refused(app: App, owner: str, client: httpx.AsyncClient, case: str,
+                                               fields: dict[str, str], parts: dict[str, tuple[str, bytes, str]],
+                                               code: str) -> None:
+    files = {"image": ("a.png", png_bytes(), "image/png"), **parts}
+    response = await client.post("/api/v1/animate-image", files=files, data=fields)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == code
+    await assert_nothing_left(app, owner)
+    await assert_still_serving(client)
+
+
+async def test_metadata_as_a_file_part_and_unusual_text_are_kept_intact(app: App, client: httpx.AsyncClient) -> None:
+    """What is valid is stored and read back exactly, on both stores: metadata sent as a file
+    part, and text far from ASCII (an astral emoji arrives as an escaped surrogate pair)."""
+    metadata = {"name": "caf\u00e9 \u05e9\u05dc\u05d5\u05dd", "emoji": "\U0001F600", "n": [1, 2.5, None, True]}
+    as_file = await client.post("/api/v1/animate-image", files={
+        "image": ("a.png", png_bytes(), "image/png"),
+        "metadata": ("m.json", json.dumps(metadata, indent=2).encode(), "application/json"),
+    }, data={"prompt": "\u00fcber \U0001F3A5"})
+    assert as_file.status_code == 202, as_file.text
+    escaped = json.dumps({"imageBase64": base64.b64encode(png_bytes()).decode(), "metadata": metadata})
+    assert "\\ud83d\\ude00" in escaped  # json.dumps writes the emoji as a surrogate pair
+    as_json = await client.post("/api/v1/animate-image", content=escaped, headers={"Content-Type": "application/json"})
+    assert as_json.status_code == 202, as_json.text
+    for accepted in (as_file, as_json):
+        status = (await client.get(f"/api/v1/animate-image/status/{accepted.json()['jobId']}")).json()
+        assert status["metadata"] == metadata
+    first = await client.get(f"/api/v1/animate-image/status/{as_file.json()['jobId']}")
+    assert first.json()["prompt"] == "\u00fcber \U0001F3A5"
+
+
+MALFORMED_HOSTS = [
+    "http://" + "a" * 64 + ".example.com/x.png",  # a label over 63 characters
+    "http://a..example.com/x.png",  # an empty label
+    "http://xn--a.com/x.png",  # punycode that is not IDNA
+]
+
+
+async def test_malformed_hosts_are_422_for_image_and_webhook_urls(app: App, owner: str, client: httpx.AsyncClient,
+                                                                   trap: TrapListener) -> None:
+    for url in MALFORMED_HOSTS:
+        as_image = await client.post("/api/v1/animate-image", json={"imageUrl": url})
+        assert as_image.status_code == 422, (url, as_image.text)
+        assert as_image.json()["code"] == "invalid_url" and "`imageUrl`" in as_image.json()["detail"]
+        as_webhook = await client.post("/api/v1/animate-image", files={"image": ("a.png", png_bytes(), "image/png")},
+                                       data={"webhookUrl": url})
+        assert as_webhook.status_code == 422, (url, as_webhook.text)
+        assert as_webhook.json()["code"] == "invalid_url" and "`webhookUrl`" in as_webhook.json()["detail"]
+    await assert_nothing_left(app, owner)
+    assert trap.accepted == 0
+    await assert_still_serving(client)
+
+
+async def test_wrong_request_content_types(app: App, owner: str, client: httpx.AsyncClient) -> None:
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "image/png", "text/html"):
         response = await client.post("/api/v1/animate-image", content=png_bytes(), headers={"Content-Type": content_type})
         assert response.status_code == 415, content_type
         assert response.json()["code"] == "unsupported_media_type"
-    await assert_nothing_left(app)
+    await assert_nothing_left(app, owner)
 
 
-async def test_image_url_ssrf_through_the_api(app: App, client: httpx.AsyncClient, trap: TrapListener,
+async def test_image_url_ssrf_through_the_api(app: App, owner: str, client: httpx.AsyncClient, trap: TrapListener,
                                               public_server: HttpServer) -> None:
     public_server.routes["/cat.png"] = Route(body=png_bytes(), headers={"Content-Type": "image/png"})
     public_server.routes["/hop"] = Route(status=302, headers={"Location": f"http://127.0.0.1:{trap.port_v4}/cat.png"})
@@ -268,7 +382,7 @@ async def test_image_url_ssrf_through_the_api(app: App, client: httpx.AsyncClien
     too_big = await client.post("/api/v1/animate-image", json={"imageUrl": f"{base}/big.png"})
     assert too_big.status_code == 413
     assert trap.accepted == 0
-    await assert_nothing_left(app)
+    await assert_nothing_left(app, owner)
     ok = await client.post("/api/v1/animate-image", json={"imageUrl": f"{base}/cat.png"})
     assert ok.status_code == 202, ok.text
 
@@ -327,8 +441,8 @@ async def test_security_headers_and_request_ids(app: App, client: httpx.AsyncCli
     assert "access-control-allow-origin" not in preflight.headers
 
 
-async def test_unexpected_errors_keep_the_request_id(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
-    key = await app.new_key(OWNER)
+async def test_unexpected_errors_keep_the_request_id(app: App, owner: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = await app.new_key(owner)
 
     async def broken(*args: object, **kwargs: object) -> object:
         raise RuntimeError("database password is hunter2")
