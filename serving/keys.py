@@ -10,6 +10,8 @@
 - `{prefix}:inbound:{provider}:{delivery id}`  "1" for a provider webhook already processed (SET NX).
 - `{prefix}:ratelimit:{key id}`  hash {tokens, ts}: the request token bucket of one API key
   (`serving.security.rate_limits`); expires once the bucket would be full again.
+- `{prefix}:authfail:{client address}`  hash {tokens, ts}: the bucket of failed authentications
+  from one address (`serving.security.rate_limits.AuthFailures`); expires once full again.
 - `{prefix}:quota:{owner}:jobs:{YYYYMMDD}`  jobs accepted for the owner that UTC day; expires
   two days later (`serving.security.quotas`).
 - `{prefix}:idem:{owner}:{sha256(key)}`  "1" while a request with that Idempotency-Key is being
@@ -54,6 +56,9 @@ class Keys:
 
     def rate_bucket(self, key_id: str) -> str:
         return f"{self.prefix}:ratelimit:{key_id}"
+
+    def auth_failures(self, address: str) -> str:
+        return f"{self.prefix}:authfail:{address}"
 
     def jobs_per_day(self, owner_id: str, day: str) -> str:
         return f"{self.prefix}:quota:{owner_id}:jobs:{day}"

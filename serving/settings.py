@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # Request rate per API key (token bucket) and per-owner quotas; 0 means unlimited.
     rate_limit_per_s: float = 10.0
     rate_limit_burst: int = 50
+    # Requests without a valid key per client address: a burst, then one per 1/rate seconds (429).
+    auth_failure_rate_per_s: float = 0.2
+    auth_failure_burst: int = 20
     max_concurrent_jobs: int = 50  # queued + processing, per owner
     max_jobs_per_day: int = 5000  # per owner, UTC days
     max_gpu_seconds_per_month: float = 0.0  # per owner, UTC calendar months

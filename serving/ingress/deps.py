@@ -6,20 +6,22 @@ it needs (`ReadOwnerDep`, `SubmitOwnerDep`, `AdminDep`) and gets the caller's ow
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import Depends, Path, Request, Security
+from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BeforeValidator
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
 from serving.cost import Budgets
 from serving.db.jobs import JobRepository
-from serving.errors import Forbidden, NotFound
+from serving.errors import Forbidden, NotFound, Unauthorized
 from serving.keys import Keys
 from serving.queue import JobQueue
 from serving.security.auth import LOCAL_OWNER
@@ -29,13 +31,15 @@ from serving.security.scopes import Principal, Scope
 from serving.security.setup import SecurityServices
 from serving.settings import Settings
 from serving.storage import ObjectStorage
+from serving.strict_json import unstorable
 
 if TYPE_CHECKING:
     from serving.webhooks.services import DeliveryServices
 
 __all__ = [
     "LOCAL_OWNER", "Services", "ServicesDep", "PrincipalDep", "OwnerDep", "ReadOwnerDep", "SubmitOwnerDep",
-    "AdminDep", "JobAdmissionDep", "JobIdPath", "authenticate", "get_owner", "require_scope",
+    "AdminDep", "JobAdmissionDep", "JobIdPath", "PageLimit", "QueryText", "authenticate", "get_owner",
+    "require_scope",
 ]
 
 
@@ -63,9 +67,17 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def authenticate(connection: HTTPConnection, services: Services) -> Principal:
-    """The caller behind the bearer key (401 without a valid one), after its rate limit (429)."""
+    """The caller behind the bearer key (401 without a valid one), after its rate limit (429).
+    An address that keeps failing to authenticate is refused (429) before its key is looked up."""
     security = services.security
-    principal = await security.authenticator.authenticate(connection.headers.get("authorization"))
+    address = connection.client.host if connection.client else "unknown"
+    if not security.authenticator.disabled:
+        await security.auth_failures.check(address)
+    try:
+        principal = await security.authenticator.authenticate(connection.headers.get("authorization"))
+    except Unauthorized:
+        await security.auth_failures.record(address)
+        raise
     decision = await security.rate_limiter.hit(principal.key_id)
     if decision is not None:
         setattr(connection.state, RATE_LIMIT_STATE, decision.headers())
@@ -159,3 +171,30 @@ def _job_id(
 
 
 JobIdPath = Annotated[str, Depends(_job_id)]
+
+
+# Query parameters -----------------------------------------------------------------------------
+
+_DECIMAL = re.compile(r"[0-9]{1,9}")
+
+
+def _decimal_integer(value: object) -> object:
+    """An integer query parameter as plain decimal digits: pydantic's lax parsing would also take
+    `1.0`, `+5` and ` 5`, so a malformed value would pass unnoticed."""
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise ValueError("must be written as decimal digits")
+    return value
+
+
+def _storable(value: str | None) -> str | None:
+    """Text that reaches a query of the job store: nothing PostgreSQL refuses (a NUL), which
+    would otherwise fail the query rather than the request."""
+    if value is not None and (problem := unstorable(value, "value")):
+        raise ValueError(problem.removeprefix("`value` "))
+    return value
+
+
+# A page size: 1 to 100 items.
+PageLimit = Annotated[int, Query(ge=1, le=100), BeforeValidator(_decimal_integer)]
+# A text query parameter compared in the job store (an owner id).
+QueryText = Annotated[str, AfterValidator(_storable)]

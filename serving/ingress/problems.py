@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from serving.errors import Forbidden, RateLimited, SvdServeError, Unauthorized
 
@@ -28,6 +29,22 @@ def problem(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
     }
     headers = {"Retry-After": str(extra["retryAfter"])} if "retryAfter" in extra else None
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+# The methods a route can serve (RFC 9110's registered ones that an API would use).
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path, asked of the routes themselves (Starlette's
+    own 405 names only the first route that matched the path, while a path may have several:
+    GET and POST on one collection)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -61,7 +78,15 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return problem(exc.status_code, code, str(exc.detail))
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            detail = f"{request.method} is not allowed here; use {', '.join(allowed)}."
+            response = problem(405, code, detail)
+            response.headers["Allow"] = ", ".join(allowed)  # RFC 9110: a 405 says what is allowed
+            return response
+        response = problem(exc.status_code, code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from serving.db.jobs import JobRecord
-from serving.ingress.deps import AdminDep, ServicesDep
+from serving.ingress.deps import AdminDep, PageLimit, QueryText, ServicesDep
 from serving.ingress.schemas import DeadLetterEntry, DeadLetterResponse, ErrorInfo
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
@@ -34,9 +34,9 @@ def _entry(record: JobRecord) -> DeadLetterEntry:
 async def dead_letter(
     services: ServicesDep,
     _admin: AdminDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    limit: PageLimit = 50,
     cursor: str | None = None,
-    owner: Annotated[str | None, Query(max_length=128)] = None,
+    owner: Annotated[QueryText | None, Query(max_length=128)] = None,
 ) -> DeadLetterResponse:
     """Jobs that ended in `error` (attempts exhausted, a job that kept killing its worker, a
     permanent failure), newest first; `POST /api/v1/animate-image/{jobId}/retry` re-runs one."""

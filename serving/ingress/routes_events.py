@@ -38,8 +38,16 @@ log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/api/v1/animate-image", tags=["events"])
 
 SSE_RETRY_MS = 2000  # how soon a browser's EventSource reconnects after a drop
-# WebSocket close codes (4000-4999 are the application's): the HTTP status they stand for + 4000.
-WS_UNAUTHORIZED, WS_INVALID, WS_NOT_FOUND = 4401, 4422, 4404
+# WebSocket close codes (4000-4999 are the application's): 4000 + the HTTP status the same
+# refusal gets over HTTP (4401 bad key, 4403 key without `read`, 4404 unknown job, 4422 bad
+# `lastEventId`, 4429 rate limited); 1011 for a server error.
+WS_APPLICATION_BASE = 4000
+WS_INTERNAL_ERROR = 1011
+
+
+def ws_close_code(error: SvdServeError) -> int:
+    return WS_APPLICATION_BASE + error.status if 400 <= error.status < 500 else WS_INTERNAL_ERROR
+
 
 EVENTS_DOC = """Server-Sent Events for one job: `queued` (with `queuePosition`), `processing`,
 `progress` (`step` of `steps`, `progress` 0..1), then one of `completed` (with fresh `resultUrl`,
@@ -140,7 +148,7 @@ async def _websocket_owner(websocket: WebSocket, services: Services) -> str:
 @router.websocket("/{job_id}/ws")
 async def job_events_ws(websocket: WebSocket, job_id: str) -> None:
     """The SSE sequence as JSON messages `{"id", "event", "data"}`; `{"event": "heartbeat"}`
-    when idle; closed with 1000 after the terminal event (4401/4404/4422 on refusal)."""
+    when idle; closed with 1000 after the terminal event, 4000 + the HTTP status on refusal."""
     await websocket.accept()  # accept first: a close code before accept would not reach the client
     services: Services = websocket.app.state.services
     try:
@@ -148,8 +156,7 @@ async def job_events_ws(websocket: WebSocket, job_id: str) -> None:
         record = await _owned_job(services, job_id, owner)
         after = parse_event_id(websocket.query_params.get("lastEventId"))
     except SvdServeError as exc:
-        code = {401: WS_UNAUTHORIZED, 404: WS_NOT_FOUND}.get(exc.status, WS_INVALID)
-        await websocket.close(code=code, reason=f"{exc.code}: {exc.message}"[:120])
+        await websocket.close(code=ws_close_code(exc), reason=f"{exc.code}: {exc.message}"[:120])
         return
 
     async def pump() -> None:

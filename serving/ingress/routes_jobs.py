@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from serving.cost import job_estimate
 from serving.db.jobs import JobRecord
 from serving.errors import NotFound, SvdServeError
-from serving.ingress.deps import JobAdmissionDep, JobIdPath, OwnerDep, Services, ServicesDep, SubmitOwnerDep
+from serving.ingress.deps import (
+    JobAdmissionDep,
+    JobIdPath,
+    OwnerDep,
+    PageLimit,
+    Services,
+    ServicesDep,
+    SubmitOwnerDep,
+)
 from serving.ingress.image_input import read_submission, submission_request_body
 from serving.ingress.schemas import AcceptedResponse, JobListResponse, JobStatusResponse
 from serving.ingress.submission import cancel_job, retry_job, submit_job
@@ -98,7 +106,7 @@ async def status(services: ServicesDep, owner: OwnerDep, job_id: JobIdPath) -> J
 async def list_jobs(
     services: ServicesDep,
     owner: OwnerDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: PageLimit = 20,
     cursor: str | None = None,
     status: JobStatus | None = None,
 ) -> JobListResponse:

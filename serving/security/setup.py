@@ -12,7 +12,7 @@ from serving.netguard import UrlPolicy
 from serving.security.api_keys import ApiKeyRepository
 from serving.security.auth import Authenticator
 from serving.security.quotas import QuotaLimits, Quotas
-from serving.security.rate_limits import TokenBucketLimiter
+from serving.security.rate_limits import AuthFailures, TokenBucketLimiter
 from serving.settings import Settings
 
 
@@ -23,6 +23,7 @@ class SecurityServices:
     api_keys: ApiKeyRepository
     authenticator: Authenticator
     rate_limiter: TokenBucketLimiter
+    auth_failures: AuthFailures
     quotas: Quotas
     url_policy: UrlPolicy
 
@@ -36,6 +37,9 @@ def build_security(
         authenticator=Authenticator(api_keys, settings.api_key_owners(), disabled=settings.auth_disabled),
         rate_limiter=TokenBucketLimiter(
             redis, keys, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
+        ),
+        auth_failures=AuthFailures(
+            redis, keys, rate_per_s=settings.auth_failure_rate_per_s, burst=settings.auth_failure_burst
         ),
         quotas=Quotas(
             redis,

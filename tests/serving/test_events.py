@@ -25,6 +25,8 @@ from serving.events import EventStore, EventType, SinkGroup, StreamEventSink
 from serving.ingress.app import create_app
 from serving.keys import Keys
 from serving.queue import ConsumedJobInfo, JobQueue
+from serving.security.api_keys import ApiKeyRepository
+from serving.security.scopes import Scope
 from serving.settings import Settings
 from serving.types import JobStatus, QueuedJob
 from serving.worker.runner import JobRunner
@@ -202,11 +204,18 @@ async def test_websocket_sees_the_same_sequence(env: Env) -> None:
 
 
 async def test_websocket_refusals_use_close_codes(env: Env) -> None:
+    """4000 + the HTTP status of the same refusal, one code per reason."""
     job_id = await new_job(env.jobs, env.alice.id)
+    engine = make_engine(env.settings.database_url or "")
+    try:
+        _, submit_only = await ApiKeyRepository(make_session_factory(engine)).create(env.alice.id, [Scope.SUBMIT])
+    finally:
+        await engine.dispose()
     with serve(create_app(env.settings)) as ingress:
         base = ingress.base_url.replace("http://", "ws://") + f"/api/v1/animate-image/{job_id}/ws"
         for url, code in (
             (f"{base}?token=not-a-key", 4401),
+            (f"{base}?token={submit_only}", 4403),  # a key without the `read` scope
             (f"{base}?token={env.bob.key}", 4404),  # another owner's job looks missing
             (f"{base}?token={env.alice.key}&lastEventId=bogus", 4422),
         ):

@@ -278,3 +278,41 @@ async def test_unknown_route_is_problem_json(ingress: Ingress) -> None:
     assert response.status_code == 404
     assert response.headers["content-type"].startswith("application/problem+json")
     assert json.loads(response.text)["code"] == "not_found"
+
+
+async def test_method_not_allowed_says_what_is_allowed(ingress: Ingress) -> None:
+    """405 carries `Allow` with every method of the path (RFC 9110), also where two routes share it."""
+    expected = {
+        "/api/v1/animate-image": "GET, POST",  # the list (GET) and the submission (POST)
+        "/api/v1/animate-image/status/0b9a3c1e-1f7e-4a8e-9a51-8d7c6b5a4f3e": "GET",
+        "/api/v1/admin/dead-letter": "GET",
+        "/healthz": "GET",
+        "/openapi.json": "GET, HEAD",  # a Starlette route: it serves HEAD too
+    }
+    for path, allow in expected.items():
+        for method in ("PUT", "PATCH", "TRACE"):
+            response = await ingress.client.request(method, path)
+            assert response.status_code == 405, (method, path, response.text)
+            assert response.headers["allow"] == allow, (method, path)
+            assert response.json()["code"] == "method_not_allowed"
+    job = await ingress.client.request("PUT", "/api/v1/animate-image/0b9a3c1e-1f7e-4a8e-9a51-8d7c6b5a4f3e")
+    assert job.status_code == 405 and job.headers["allow"] == "DELETE"
+
+
+@pytest.mark.parametrize("query", ["limit=1.0", "limit=+5", "limit=%205", "limit=5%20", "limit=1e1", "limit=0x10",
+                                   "limit=0", "limit=101", "limit=", "limit=abc", "limit=%00"])
+async def test_malformed_page_limits_are_refused(ingress: Ingress, query: str) -> None:
+    listed = await ingress.client.get(f"/api/v1/animate-image?{query}")
+    assert listed.status_code == 422 and listed.json()["code"] == "invalid_input", listed.text
+    admin = ingress.services.security.api_keys
+    _, key = await admin.create(f"ops-{ingress.owner}", ["admin"])
+    letters = await ingress.client.get(f"/api/v1/admin/dead-letter?{query}", headers={"Authorization": f"Bearer {key}"})
+    assert letters.status_code == 422 and letters.json()["code"] == "invalid_input", letters.text
+    fine = await ingress.client.get("/api/v1/admin/dead-letter?limit=7", headers={"Authorization": f"Bearer {key}"})
+    assert fine.status_code == 200
+
+
+async def test_a_nul_in_a_query_that_reaches_the_store_is_refused(ingress: Ingress) -> None:
+    _, key = await ingress.services.security.api_keys.create(f"ops-{ingress.owner}", ["admin"])
+    response = await ingress.client.get("/api/v1/admin/dead-letter?owner=a%00b", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 422 and "NUL" in response.json()["detail"], response.text

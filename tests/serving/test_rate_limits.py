@@ -73,6 +73,34 @@ async def test_token_bucket_per_key(sqlite_url: str, redis_url: str, unique_pref
                 assert (await anonymous.get("/healthz")).status_code == 200
 
 
+async def test_failed_authentications_are_limited_per_address(
+    sqlite_url: str, redis_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """Invalid keys from one address: 401 for the burst, then 429 before any key is looked up
+    (a valid key from that address too, until the bucket refills); other addresses are not
+    affected, and valid requests never use up the bucket."""
+    settings = app_settings(sqlite_url, redis_url, unique_prefix, tmp_path, auth_failure_rate_per_s=0.001,
+                            auth_failure_burst=5)
+    async with running_app(settings) as app:
+        valid = await app.new_key("erin", Scope.READ)
+        attacker = httpx.ASGITransport(app=app.transport.app, client=("203.0.113.7", 40000))
+        bystander = httpx.ASGITransport(app=app.transport.app, client=("198.51.100.9", 40000))
+        async with httpx.AsyncClient(transport=attacker, base_url="http://testserver") as mallory, \
+                httpx.AsyncClient(transport=bystander, base_url="http://testserver",
+                                  headers={"Authorization": f"Bearer {valid}"}) as honest:
+            for _ in range(10):  # valid keys never count as failures
+                assert (await honest.get("/api/v1/animate-image")).status_code == 200
+            answers = [await mallory.get("/api/v1/animate-image", headers={"Authorization": f"Bearer svd_x_{n}"})
+                       for n in range(8)]
+            assert [a.status_code for a in answers] == [401] * 5 + [429] * 3
+            assert_429(answers[-1], "too_many_failed_authentications")
+            missing = await mallory.get("/api/v1/animate-image")  # no key at all: the same bucket
+            assert missing.status_code == 429
+            locked_out = await mallory.get("/api/v1/animate-image", headers={"Authorization": f"Bearer {valid}"})
+            assert locked_out.status_code == 429
+            assert (await honest.get("/api/v1/animate-image")).status_code == 200  # another address
+
+
 async def test_bucket_refills_at_the_configured_rate(redis: aioredis.Redis, unique_prefix: str) -> None:
     limiter = TokenBucketLimiter(redis, Keys(unique_prefix), rate_per_s=20, burst=1)
     first = await limiter.hit("k")

@@ -19,9 +19,11 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     ignored_auth,
+    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from serving.db.migrate import upgrade
@@ -88,7 +90,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         data_dir=data, database_url=database, redis_url=REDIS_URL, queue_name=prefix, key_prefix=prefix,
         storage_dir=data / "storage", max_upload_bytes=256 * 1024, url_fetch_timeout_s=2,
         # Fuzzing sends hundreds of requests: limits would turn most answers into 429s.
-        rate_limit_per_s=0, max_concurrent_jobs=0, max_jobs_per_day=0,
+        # The failed-authentication limit too: `ignored_auth` sends invalid keys on purpose.
+        rate_limit_per_s=0, auth_failure_rate_per_s=0, max_concurrent_jobs=0, max_jobs_per_day=0,
     )
     with ServerThread(settings) as running:
         try:
@@ -123,6 +126,10 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case, server: ServerThrea
             response_schema_conformance,
             response_headers_conformance,
             ignored_auth,
+            # Invalid input (schemathesis' negative cases) is refused with a 4xx, and a method the
+            # document does not list answers 405 with an `Allow` header.
+            negative_data_rejection,
+            unsupported_method,
         ],
         timeout=15,
     )
