@@ -16,7 +16,10 @@ How BullMQ (Python 3.4.4, BullMQ 5 key format) serves jobs, which `position` mir
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +134,15 @@ class JobQueue:
 
     async def close(self) -> None:
         await self._queue.close()
+
+    async def consumers(self) -> int | None:
+        """How many queue consumers (dispatchers) are connected to Redis right now: BullMQ's
+        worker list (CLIENT LIST), each consumer counted once however many connections it holds.
+        None where the Redis service does not offer CLIENT LIST."""
+        workers = await self._queue.get_workers()
+        if any("rawname" not in w for w in workers):
+            return None
+        return len({w["rawname"] for w in workers if ":w:" in str(w["rawname"])})
 
     async def add(
         self, job: QueuedJob, *, priority: Priority, attempts: int, backoff_ms: int
@@ -316,6 +328,8 @@ class QueueConsumer:
             "maxStalledCount": max_stalled_count,
             # We start the loop ourselves in start(), on the running event loop.
             "autorun": False,
+            # Names its Redis connections `bull:{queue}:w:{name}`: `JobQueue.consumers` counts them.
+            "name": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         }
         self._worker: Worker | None = None
         self._run_task: asyncio.Task[None] | None = None

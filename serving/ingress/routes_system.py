@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.registry import list_specs
 from serving.db.migrate import check_migrated
 from serving.errors import NotFound, SvdServeError
-from serving.ingress.deps import OwnerDep, ServicesDep
+from serving.ingress.deps import OwnerDep, Services, ServicesDep
 from serving.ingress.problems import problem
 from serving.ingress.schemas import ModelInfo, ModelListResponse
 from serving.observability.exporter import render, shared_families
@@ -43,9 +43,20 @@ async def readyz(services: ServicesDep) -> Response:
         checks["database"] = f"error: {exc.code}"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
+    # Information only: the ingress keeps accepting jobs while no worker runs (on Kubernetes the
+    # GPU cluster may be down or scaling; the queue is the buffer), so this never fails readiness.
+    worker = await _worker_info(services)
     if all(v == "ok" for v in checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks})
-    return problem(503, "not_ready", "A dependency is unavailable.", checks=checks)
+        return JSONResponse({"status": "ready", "checks": checks, "worker": worker})
+    return problem(503, "not_ready", "A dependency is unavailable.", checks=checks, worker=worker)
+
+
+async def _worker_info(services: Services) -> dict[str, object]:
+    """Whether a dispatcher consumes the queue: {"consumers": n}, or {"consumers": null, "error"}."""
+    try:
+        return {"consumers": await asyncio.wait_for(services.queue.consumers(), timeout=2)}
+    except Exception as exc:  # readiness reports, it does not raise
+        return {"consumers": None, "error": type(exc).__name__}
 
 
 @router.get("/metrics", tags=["system"], response_class=PlainTextResponse,

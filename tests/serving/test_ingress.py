@@ -3,6 +3,7 @@ these tests look at what a submission leaves behind, not at generation)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -16,6 +17,7 @@ from PIL import Image
 
 from serving.ingress.app import create_app
 from serving.ingress.deps import Services
+from serving.queue import QueueConsumer
 from serving.settings import Settings
 
 pytestmark = pytest.mark.asyncio
@@ -316,3 +318,32 @@ async def test_a_nul_in_a_query_that_reaches_the_store_is_refused(ingress: Ingre
     _, key = await ingress.services.security.api_keys.create(f"ops-{ingress.owner}", ["admin"])
     response = await ingress.client.get("/api/v1/admin/dead-letter?owner=a%00b", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 422 and "NUL" in response.json()["detail"], response.text
+
+
+async def test_readyz_reports_queue_consumers_without_depending_on_them(ingress: Ingress) -> None:
+    """The ingress stays ready with no worker (the queue is the buffer while the GPU cluster is
+    down) and says how many dispatchers consume its queue."""
+
+    async def consumers() -> int | None:
+        ready = await ingress.client.get("/readyz")
+        assert ready.status_code == 200
+        return ready.json()["worker"]["consumers"]
+
+    async def until(expected: int) -> None:
+        async with asyncio.timeout(30):
+            while await consumers() != expected:
+                await asyncio.sleep(0.05)  # polling a state, bounded by the timeout
+
+    assert await consumers() == 0
+
+    async def handler(*_: object) -> None:
+        return None
+
+    settings = ingress.services.settings
+    dispatcher = QueueConsumer(settings.redis_url or "", settings.queue_name, handler)
+    await dispatcher.start()
+    try:
+        await until(1)
+    finally:
+        await dispatcher.close()
+    await until(0)
