@@ -116,14 +116,18 @@ def _local_dev_auth(settings: Settings) -> Settings:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from serving.local_stack import local_stack
+    from serving.local_stack import LocalStack, StackError
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with local_stack(_local_dev_auth(_settings(args))):
-        print("press Ctrl-C to stop", flush=True)
-        stop.wait()
+    try:
+        with LocalStack(_local_dev_auth(_settings(args))) as stack:
+            print("press Ctrl-C to stop", flush=True)
+            stack.supervise(stop)  # restarts a worker or ingress that dies, until Ctrl-C / SIGTERM
+    except StackError as exc:
+        print(f"svd-serve up: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

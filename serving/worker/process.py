@@ -11,6 +11,9 @@ from serving.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+# Printed once the Serve app is deployed; `svd-serve up` (serving.local_stack) waits for it.
+READY_LINE = "svd-serve worker ready"
+
 
 def run_worker(settings: Settings, stop: threading.Event | None = None) -> None:
     import ray
@@ -35,7 +38,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> None:
         serve.start(proxy_location="Disabled")
         serve.run(build_app(settings), name=settings.serve_app_name, route_prefix=None)
         log.info("worker_ready", app=settings.serve_app_name)
-        print("svd-serve worker ready", flush=True)
+        print(READY_LINE, flush=True)
         stop.wait()
         log.info("worker_stopping")
         _drain_dispatcher(settings)
