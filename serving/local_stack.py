@@ -36,6 +36,9 @@ from serving.worker.process import READY_LINE
 RESTART_PAUSE_S = 1.0
 RESTART_PAUSE_MAX_S = 60.0
 WATCH_INTERVAL_S = 0.5
+# While `up` starts, a child that exits this many times in a row stops it (a configuration error
+# fails fast); a single death (Ray timing out on a busy machine) is retried like any other.
+START_ATTEMPTS = 3
 
 
 class StackError(RuntimeError):
@@ -231,9 +234,18 @@ class LocalStack:
         for child in self._children:
             child.start()
             status(f"{child.name} started (pid {child.pid})")
-        procs = [c.proc for c in self._children if c.proc is not None] + ([self._redis] if self._redis else [])
-        _wait_until(api.check_ready, 60, "ingress", procs)
-        _wait_until(worker.check_ready, self.ready_timeout_s, "worker", procs)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not all(child.is_ready for child in self._children):
+            self._check_redis()
+            for child in self._children:
+                if child.failures_in_a_row >= START_ATTEMPTS:
+                    where = f"; see {child.log_path}" if child.log_path else ""
+                    raise StackError(f"{child.name} exited {START_ATTEMPTS} times before it was ready{where}")
+                self._watch(child)
+            if time.monotonic() > deadline:
+                late = ", ".join(child.name for child in self._children if not child.is_ready)
+                raise StackError(f"{late} did not become ready within {self.ready_timeout_s:.0f} s")
+            time.sleep(WATCH_INTERVAL_S)
         print(f"svd-serve is up at {self.base_url} (docs at {self.base_url}/docs; worker log {self.worker_log})",
               flush=True)
 
@@ -246,15 +258,18 @@ class LocalStack:
     def supervise(self, stop: threading.Event) -> None:
         """Until `stop` is set: start again a worker or ingress that died, and say so."""
         while not stop.wait(WATCH_INTERVAL_S):
-            if self._redis is not None and self._redis.poll() is not None:
-                raise StackError(f"the private redis-server exited with code {self._redis.returncode}")
+            self._check_redis()
             for child in self._children:
                 self._watch(child)
+
+    def _check_redis(self) -> None:
+        if self._redis is not None and self._redis.poll() is not None:
+            raise StackError(f"the private redis-server exited with code {self._redis.returncode}")
 
     def _watch(self, child: Child) -> None:
         if child.alive:
             if not child.is_ready and child.check_ready():
-                status(f"{child.name} ready again (restart {child.restarts})")
+                status(f"{child.name} ready again (restart {child.restarts})" if child.restarts else f"{child.name} ready")
             return
         now = time.monotonic()
         if child.restart_at is None:

@@ -347,6 +347,11 @@ class QueueConsumer:
         # every blocking wait up to whole seconds, which stretches short retry backoffs to 1 s.
         try:
             await worker.backend.blocking_connection.getRedisVersion()
+            # Name the connections now rather than in the first turn of `run()`: a consumer is
+            # visible (`JobQueue.consumers`) once started, and a close() right after start() no
+            # longer races BullMQ's CLIENT SETNAME on the blocking connection (which lost the
+            # connection, KeyError in redis-py's pool, and left it open).
+            await worker._ensure_client_names()
         except BaseException:
             await worker.close(force=True)  # Redis unreachable: release the connections
             raise
