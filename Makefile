@@ -7,11 +7,13 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: venv demo lint test test-fast clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[dev]'
+	# The Python client is its own distribution (no torch/Ray/diffusers); the CLI and tests use it.
+	$(PIP) install -q -e clients/python
 	touch $@
 
 venv: $(VENV)/.installed

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from serving.cli_client import add_client_commands
 from serving.settings import Settings, load_settings
 
 
@@ -131,34 +131,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _submit_fields(args: argparse.Namespace) -> dict[str, str]:
-    names = {"model": "model", "num_frames": "numFrames", "steps": "numInferenceSteps", "fps": "fps",
-             "seed": "seed", "width": "width", "height": "height", "priority": "priority", "prompt": "prompt"}
-    return {wire: str(getattr(args, attr)) for attr, wire in names.items() if getattr(args, attr) is not None}
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from serving.client import ApiClient
-
-    client = ApiClient(args.url, api_key=args.api_key)
-    accepted = client.submit(Path(args.image), _submit_fields(args))
-    print(json.dumps(accepted))
-    if not args.wait and not args.out:
-        return 0
-    status = client.wait(accepted["jobId"], timeout_s=args.timeout, echo=True)
-    if args.out:
-        out = Path(args.out)
-        client.download(status["resultUrl"], out)
-        print(f"video: {out}")
-        if status.get("thumbnailUrl"):
-            thumb = client.download(status["thumbnailUrl"], out.with_suffix(".jpg"))
-            print(f"thumbnail: {thumb}")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start the local stack, animate the bundled sample image, write MP4 + thumbnail, stop."""
-    from serving.client import ApiClient
+    from svd_serve_client import Client
+
+    from serving.cli_client import Progress
     from serving.local_stack import free_port, local_stack
 
     settings = _local_dev_auth(_settings(args))
@@ -166,15 +143,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"port": free_port()})
     sample = Path(__file__).parent / "assets" / "sample.png"
     out = Path(args.out)
-    with local_stack(settings) as base:
-        client = ApiClient(base)
-        accepted = client.submit(sample, {"seed": "42"})
-        print(f"submitted {sample.name}: job {accepted['jobId']}", flush=True)
-        status = client.wait(accepted["jobId"], timeout_s=600, echo=True)
-        video = client.download(status["resultUrl"], out / "demo.mp4")
-        thumb = client.download(status["thumbnailUrl"], out / "demo.jpg")
-    print(f"video: {video.resolve()}\nthumbnail: {thumb.resolve()}\nmodel: {status['model']}")
-    if status["model"] == "tiny-random":
+    with local_stack(settings) as base, Client(base, api_key="") as client:
+        job = client.submit(sample, seed=42)
+        print(f"submitted {sample.name}: job {job.id}", flush=True)
+        status = job.wait(timeout=600, on_event=Progress(job.id))
+        video = client.download(status, out / "demo.mp4")
+        thumb = client.download(status, out / "demo.jpg", output="thumbnail")
+    print(f"video: {video.resolve()}\nthumbnail: {thumb.resolve()}\nmodel: {status.model}")
+    if status.model == "tiny-random":
         print("note: tiny-random has random weights; its video is noise, made to prove the pipeline end to end.")
     return 0
 
@@ -225,8 +201,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return asyncio.run(run_keys_command(_settings(args), args))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("svd-serve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svd-serve", description="Self-hosted Stable Video Diffusion service")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_bind(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -256,24 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="directory for demo.mp4 and demo.jpg")
     demo.set_defaults(func=cmd_demo)
 
-    submit = sub.add_parser("submit", help="submit an image and optionally wait for the video")
-    submit.add_argument("image")
-    submit.add_argument("--url", default="http://127.0.0.1:8000")
-    submit.add_argument("--api-key")
-    submit.add_argument("--wait", action="store_true")
-    submit.add_argument("--out", help="download the MP4 here (implies --wait); the thumbnail goes beside it")
-    submit.add_argument("--timeout", type=float, default=600)
-    for name in ("model", "prompt", "priority"):
-        submit.add_argument(f"--{name}")
-    for name in ("num-frames", "steps", "fps", "seed", "width", "height"):
-        submit.add_argument(f"--{name}", type=int)
-    submit.set_defaults(func=cmd_submit)
+    add_client_commands(sub)  # submit, status, watch, list, cancel, retry, download (serving.cli_client)
 
     models = sub.add_parser("models", help="list or download models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list")
     download = models_sub.add_parser("download")
-    download.add_argument("name")
+    download.add_argument("name", help="a model name from `svd-serve models list`")
     models.set_defaults(func=cmd_models)
 
     # Every argument, --help included, belongs to the benchmark's own parser: with a prefix other
@@ -290,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scopes", default="submit,read", help="comma-separated: submit,read,admin")
     create.add_argument("--name", help="a label to recognise the key by")
     list_keys = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
-    list_keys.add_argument("--owner")
+    list_keys.add_argument("--owner", help="only this owner's keys")
     list_keys.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id or prefix")
     revoke.add_argument("key", help="the id or prefix that `keys list` shows")

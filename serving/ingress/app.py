@@ -14,6 +14,7 @@ from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
 from serving.db.migrate import check_migrated
 from serving.ingress.deps import Services
+from serving.ingress.operation_ids import operation_id
 from serving.ingress.problems import install_problem_docs, install_problem_handlers
 from serving.ingress.routes_admin import router as admin_router
 from serving.ingress.routes_events import router as events_router
@@ -85,6 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         description="Image-to-video with Stable Video Diffusion on your own GPUs.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     # Provider callback handlers (issue #6 registers Runway's); may be filled before start-up.
     app.state.providers = ProviderRegistry()

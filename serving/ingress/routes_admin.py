@@ -28,7 +28,7 @@ def _entry(record: JobRecord) -> DeadLetterEntry:
     )
 
 
-@router.get("/dead-letter", response_model=DeadLetterResponse, response_model_by_alias=True,
+@router.get("/dead-letter", operation_id="listDeadLetters", response_model=DeadLetterResponse, response_model_by_alias=True,
             responses={401: {"description": "Missing or invalid API key"},
                        403: {"description": "The API key lacks the admin scope"}})
 async def dead_letter(

@@ -101,7 +101,7 @@ async def _owned_job(services: Services, job_id: str, owner: str) -> JobRecord:
     return record
 
 
-@router.get("/{job_id}/events", description=EVENTS_DOC, response_class=StreamingResponse,
+@router.get("/{job_id}/events", operation_id="streamJobEvents", description=EVENTS_DOC, response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
 async def job_events(
     job_id: JobIdPath,

@@ -54,7 +54,7 @@ Send **multipart/form-data** with an `image` file (PNG, JPEG or WebP) and option
 at once (200 with `status: completed` when an identical earlier request with a fixed seed is reused)."""
 
 
-@router.post("", status_code=202, response_model=AcceptedResponse, description=SUBMIT_DOC,
+@router.post("", operation_id="submitJob", status_code=202, response_model=AcceptedResponse, description=SUBMIT_DOC,
              responses={422: {"description": "Invalid input (problem+json)"}, **SUBMIT_PROBLEMS},
              openapi_extra={"requestBody": submission_request_body()})
 async def submit(
@@ -93,7 +93,7 @@ def _accepted(services: Services, record: JobRecord, status_code: int) -> JSONRe
     return JSONResponse(body.model_dump(mode="json", by_alias=True), status_code=status_code)
 
 
-@router.get("/status/{job_id}", response_model=JobStatusResponse, response_model_by_alias=True,
+@router.get("/status/{job_id}", operation_id="getJob", response_model=JobStatusResponse, response_model_by_alias=True,
             responses=READ_PROBLEMS)
 async def status(services: ServicesDep, owner: OwnerDep, job_id: JobIdPath) -> JobStatusResponse:
     record = await services.jobs.get(job_id, owner_id=owner)
@@ -102,7 +102,7 @@ async def status(services: ServicesDep, owner: OwnerDep, job_id: JobIdPath) -> J
     return await job_view(services, record)
 
 
-@router.get("", response_model=JobListResponse, response_model_by_alias=True, responses=READ_PROBLEMS)
+@router.get("", operation_id="listJobs", response_model=JobListResponse, response_model_by_alias=True, responses=READ_PROBLEMS)
 async def list_jobs(
     services: ServicesDep,
     owner: OwnerDep,
@@ -114,7 +114,7 @@ async def list_jobs(
     return JobListResponse(jobs=[await job_view(services, r, live=False) for r in records], next_cursor=next_cursor)
 
 
-@router.delete("/{job_id}", response_model=JobStatusResponse, response_model_by_alias=True,
+@router.delete("/{job_id}", operation_id="cancelJob", response_model=JobStatusResponse, response_model_by_alias=True,
                responses={**READ_PROBLEMS, 409: {"description": "The job has already ended (problem+json)"}})
 async def cancel(services: ServicesDep, owner: SubmitOwnerDep, job_id: JobIdPath) -> JobStatusResponse:
     before = await services.jobs.get(job_id, owner_id=owner)
@@ -123,7 +123,7 @@ async def cancel(services: ServicesDep, owner: SubmitOwnerDep, job_id: JobIdPath
     return await job_view(services, record)
 
 
-@router.post("/{job_id}/retry", status_code=202, response_model=AcceptedResponse,
+@router.post("/{job_id}/retry", operation_id="retryJob", status_code=202, response_model=AcceptedResponse,
              responses={**READ_PROBLEMS, 409: {"description": "The job has not failed (problem+json)"}})
 async def retry(
     services: ServicesDep, owner: SubmitOwnerDep, admission: JobAdmissionDep, job_id: JobIdPath

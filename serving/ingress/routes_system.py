@@ -23,12 +23,12 @@ log = structlog.get_logger(__name__)
 router = APIRouter()
 
 
-@router.get("/healthz", tags=["system"])
+@router.get("/healthz", operation_id="getHealth", tags=["system"])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["system"])
+@router.get("/readyz", operation_id="getReadiness", tags=["system"])
 async def readyz(services: ServicesDep) -> Response:
     checks: dict[str, str] = {}
     try:
@@ -59,7 +59,7 @@ async def _worker_info(services: Services) -> dict[str, object]:
         return {"consumers": None, "error": type(exc).__name__}
 
 
-@router.get("/metrics", tags=["system"], response_class=PlainTextResponse,
+@router.get("/metrics", operation_id="getMetrics", tags=["system"], response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format"}})
 async def metrics(services: ServicesDep) -> Response:
     # This process's own metrics; the Redis-held ones (queue gauges, worker metrics) only where
@@ -70,7 +70,7 @@ async def metrics(services: ServicesDep) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/api/v1/models", response_model=ModelListResponse, response_model_by_alias=True, tags=["models"])
+@router.get("/api/v1/models", operation_id="listModels", response_model=ModelListResponse, response_model_by_alias=True, tags=["models"])
 async def models(services: ServicesDep, owner: OwnerDep) -> ModelListResponse:  # any key with `read`
     infos = [
         ModelInfo(

@@ -86,7 +86,7 @@ async def _check_owner(services: Services, job_id: str, owner: str) -> str:
     return record.id
 
 
-@router.get("/{job_id}/webhooks", response_model=WebhookDeliveryList, response_model_by_alias=True)
+@router.get("/{job_id}/webhooks", operation_id="listWebhookDeliveries", response_model=WebhookDeliveryList, response_model_by_alias=True)
 async def list_deliveries(job_id: JobIdPath, services: ServicesDep, owner: OwnerDep) -> WebhookDeliveryList:
     """Every webhook delivery of the job with each attempt (status code, latency, error)."""
     canonical = await _check_owner(services, job_id, owner)
@@ -94,7 +94,7 @@ async def list_deliveries(job_id: JobIdPath, services: ServicesDep, owner: Owner
     return WebhookDeliveryList(deliveries=[_view(d, a) for d, a in pairs])
 
 
-@router.post("/{job_id}/webhooks/{delivery_id}/replay", status_code=202, response_model=WebhookDeliveryView,
+@router.post("/{job_id}/webhooks/{delivery_id}/replay", operation_id="replayWebhookDelivery", status_code=202, response_model=WebhookDeliveryView,
              response_model_by_alias=True)
 async def replay_delivery(
     job_id: JobIdPath, delivery_id: str, services: ServicesDep, owner: SubmitOwnerDep
@@ -113,7 +113,7 @@ async def replay_delivery(
     return JSONResponse(body, status_code=202)
 
 
-@provider_router.post("/{provider}", response_model=ProviderWebhookAnswer, response_model_by_alias=True)
+@provider_router.post("/{provider}", operation_id="receiveProviderWebhook", response_model=ProviderWebhookAnswer, response_model_by_alias=True)
 async def provider_webhook(provider: str, request: Request, services: ServicesDep) -> ProviderWebhookAnswer:
     """A provider's callback. Authenticated by its signature (or the per-job token in the URL),
     not by an API key; 401 and no change when that fails, 200 `duplicate` for a repeat."""

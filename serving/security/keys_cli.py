@@ -27,8 +27,8 @@ async def run_keys_command(settings: Settings, args: argparse.Namespace) -> int:
         if args.keys_command == "create":
             record, key = await repo.create(args.owner, parse_scopes(args.scopes), name=args.name)
             print(key)
-            print(f"created {_describe(record)}")
-            print("store the key now: it is not shown again (only its hash is kept)")
+            print(f"created {_describe(record)}", file=sys.stderr)
+            print("store the key now: it is not shown again (only its hash is kept)", file=sys.stderr)
         elif args.keys_command == "list":
             for record in await repo.list_keys(args.owner, include_revoked=args.all):
                 print(_describe(record))

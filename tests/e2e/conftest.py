@@ -17,6 +17,12 @@ from serving.local_stack import free_port
 from tests.s3_server import running_s3_server
 
 
+# Extra keys and the webhook secret of the live stack: `bob` is the owner whose rate limit a test
+# exhausts (every key has its own bucket); webhooks to loopback receivers are allowed.
+E2E_KEYS = {"alice": "e2e-key-alice", "bob": "e2e-key-bob"}
+E2E_WEBHOOK_SECRET = "whsec_ZTJlLXdlYmhvb2stc2VjcmV0LWZvci10ZXN0cw=="
+
+
 @dataclass
 class Stack:
     base_url: str
@@ -66,7 +72,9 @@ def e2e_stack(
             "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
             "SVD_SERVE_QUEUE_NAME": unique_session_prefix,
             "SVD_SERVE_KEY_PREFIX": unique_session_prefix,
-            "SVD_SERVE_API_KEYS": "alice:e2e-key-alice",
+            "SVD_SERVE_API_KEYS": ",".join(f"{owner}:{key}" for owner, key in E2E_KEYS.items()),
+            "SVD_SERVE_WEBHOOK_SECRETS": E2E_WEBHOOK_SECRET,
+            "SVD_SERVE_OUTBOUND_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
             "SVD_SERVE_STORAGE_BACKEND": "s3",
             "SVD_SERVE_S3_ENDPOINT_URL": s3.endpoint_url,
             "SVD_SERVE_S3_ACCESS_KEY_ID": s3.access_key_id,

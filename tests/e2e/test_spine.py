@@ -108,7 +108,8 @@ def test_cli_submit_waits_and_downloads(e2e_stack: Stack, tmp_path: Path) -> Non
         capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"video: {out}" in result.stdout
+    job_id, video, thumbnail = result.stdout.splitlines()  # data on stdout; progress went to stderr
+    assert (video, thumbnail) == (str(out), str(out.with_suffix(".jpg"))) and job_id in result.stderr
     assert ffprobe_video(out)["codec_name"] == "h264"
     with Image.open(out.with_suffix(".jpg")) as thumb:
         assert thumb.format == "JPEG"

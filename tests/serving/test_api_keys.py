@@ -240,9 +240,10 @@ async def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
     created = cli("keys", "create", "--owner", "acme", "--scopes", "submit,read", "--name", "backend",
                   cwd=tmp_path, env=env)
     assert created.returncode == 0, created.stderr
-    key = created.stdout.splitlines()[0]
-    assert key_prefix(key) is not None and "not shown again" in created.stdout
-    assert "owner=acme" in created.stdout and "scopes=read,submit" in created.stdout
+    key = created.stdout.strip()
+    assert created.stdout == key + "\n", "stdout carries the key alone (scripts capture it)"
+    assert key_prefix(key) is not None and "not shown again" in created.stderr
+    assert "owner=acme" in created.stderr and "scopes=read,submit" in created.stderr
 
     listed = cli("keys", "list", cwd=tmp_path, env=env)
     assert listed.returncode == 0 and "acme" in listed.stdout and key not in listed.stdout
