@@ -102,36 +102,34 @@ def run_client_command(func: Callable[[argparse.Namespace], int], args: argparse
 
 
 class Progress:
-    """A one-line bar redrawn in place on a terminal; one line per change of state otherwise."""
+    """A bar redrawn in place on a terminal; elsewhere (a log, a pipe) one line per new state
+    and per tenth of the progress, so a log stays short."""
 
     def __init__(self, job_id: str, quiet: bool = False) -> None:
         self.job_id, self.quiet = job_id, quiet
         self.tty = sys.stderr.isatty()
-        self.last = ""
+        self.last: tuple[str, int] | None = None
 
     def __call__(self, event: Event) -> None:
         if self.quiet:
             return
         data = event.data
-        fraction = float(data.get("progress") or (1.0 if event.type == "completed" else 0.0))
+        fraction = 1.0 if event.type == "completed" else float(data.get("progress") or 0.0)
         if event.type == "queued" and data.get("queuePosition") is not None:
             detail = f"queue position {data['queuePosition']}"
         elif event.type == "progress" and data.get("steps"):
             detail = f"step {data.get('step')}/{data['steps']}"
         else:
             detail = str(data.get("stage") or "")
-        bar = "#" * int(fraction * 20)
-        line = f"{self.job_id} [{bar:<20}] {fraction:4.0%} {event.type} {detail}".rstrip()
+        line = f"{self.job_id} [{'#' * int(fraction * 20):<20}] {fraction:4.0%} {event.type} {detail}".rstrip()
         if self.tty:
             sys.stderr.write("\r\x1b[2K" + line + ("\n" if event.terminal else ""))
             sys.stderr.flush()
-        elif line != self.last and (event.type != "progress" or _decile(line) != _decile(self.last)):
+            return
+        state = (event.type, int(fraction * 10))
+        if state != self.last:
             _err(line)
-        self.last = line
-
-
-def _decile(line: str) -> str:
-    return line.split("]")[-1].split("%")[0] if "]" in line else ""
+        self.last = state
 
 
 # --- commands --------------------------------------------------------------------------------------

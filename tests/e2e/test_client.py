@@ -163,3 +163,36 @@ def test_a_tampered_download_is_refused(e2e_stack: Stack, tmp_path: Path) -> Non
     assert mismatch.value.expected == info.checksums["mp4"]
     assert mismatch.value.actual == hashlib.sha256(b"not the video the job made").hexdigest()
     assert not dest.exists() and not list(tmp_path.iterdir()), "nothing unverified is left behind"
+
+
+async def test_wait_gives_up_at_its_timeout(e2e_stack: Stack) -> None:
+    """A job that never moves (a row no queue holds: its event stream carries heartbeats only)
+    ends `wait()` at its timeout with JobTimeout, sync and async, and `watch` with exit 7."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from serving.db.engine import make_engine, make_session_factory
+    from serving.db.jobs import JobRepository
+    from svd_serve_client import JobTimeout
+    from tests.serving.events_helpers import new_job
+
+    engine = make_engine(e2e_stack.env["SVD_SERVE_DATABASE_URL"])
+    try:
+        job_id = await new_job(JobRepository(make_session_factory(engine)), "alice")
+        with Client(e2e_stack.base_url, e2e_stack.api_key) as client, pytest.raises(JobTimeout):
+            await asyncio.to_thread(client.wait, job_id, timeout=1)
+        async with AsyncClient(e2e_stack.base_url, e2e_stack.api_key) as aclient:
+            with pytest.raises(JobTimeout):
+                await aclient.wait(job_id, timeout=1)
+            env = {**os.environ, "SVD_SERVE_URL": e2e_stack.base_url, "SVD_SERVE_API_KEY": e2e_stack.api_key}
+            watched = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "serving.cli", "watch", job_id, "--timeout", "1"],
+                env=env, capture_output=True, text=True, timeout=120,
+            )
+            assert watched.returncode == 7 and watched.stdout == "" and "still queued" in watched.stderr
+            assert (await aclient.status(job_id)).status == "queued"  # the job itself goes on
+            assert (await aclient.cancel(job_id)).status == "canceled"
+    finally:
+        await engine.dispose()

@@ -120,12 +120,14 @@ class Client:
     # --- events and waiting -------------------------------------------------------------------
 
     def events(self, job_id: str, *, last_event_id: str | None = None, max_reconnects: int = 5,
-               _on_response: Callable[[httpx.Response], None] | None = None) -> Iterator[Event]:
+               _until: float | None = None) -> Iterator[Event]:
         """The job's events until its terminal one. A dropped connection is resumed with
         `Last-Event-ID`, so no event is lost or repeated; `max_reconnects` failures in a row
-        (without an event between them) raise `APIConnectionError`."""
+        (without an event between them) raise `APIConnectionError`. (`_until`, a monotonic
+        deadline, ends the stream quietly: `wait()`'s timeout.)"""
         failures = 0
-        while True:
+        timer: threading.Timer | None = None
+        while _until is None or time.monotonic() < _until:
             headers = {"Accept": "text/event-stream"}
             if last_event_id:
                 headers["Last-Event-ID"] = last_event_id
@@ -137,8 +139,11 @@ class Client:
                     if source.response.status_code >= 400:
                         source.response.read()
                         raise APIStatusError.from_response(source.response)
-                    if _on_response is not None:
-                        _on_response(source.response)
+                    if _until is not None:
+                        # A quiet stream (heartbeats only) never returns to us: close it at the deadline.
+                        timer = threading.Timer(max(0.0, _until - time.monotonic()), source.response.close)
+                        timer.daemon = True
+                        timer.start()
                     for sse in source.iter_sse():
                         if not sse.data:
                             continue  # the `retry:` preamble
@@ -147,39 +152,26 @@ class Client:
                         yield event
                         if event.terminal:
                             return
-            except (httpx.TransportError, SSEError) as exc:
+            except (httpx.TransportError, httpx.StreamError, SSEError) as exc:
+                if _until is not None and time.monotonic() >= _until:
+                    return
                 failures += 1
                 if failures > max_reconnects:
                     raise APIConnectionError(f"events of job {job_id}: {exc or type(exc).__name__}") from exc
                 time.sleep(min(5.0, 0.25 * 2**failures))
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def wait(self, job_id: str, *, timeout: float = 600.0, on_event: EventCallback | None = None) -> JobInfo:
         """Follow the job's events until it ends; the completed status, or `JobFailed` (ended
         `error`/`canceled`) or `JobTimeout` (the job goes on)."""
         deadline = time.monotonic() + timeout
-        timer: threading.Timer | None = None
-
-        def arm(response: httpx.Response) -> None:
-            # A quiet stream (heartbeats only) never returns to us: close it at the deadline.
-            nonlocal timer
-            if timer is not None:
-                timer.cancel()
-            timer = threading.Timer(max(0.0, deadline - time.monotonic()), response.close)
-            timer.daemon = True
-            timer.start()
-
-        try:
-            for event in self.events(job_id, _on_response=arm):
-                if on_event is not None:
-                    on_event(event)
-                if event.terminal or time.monotonic() >= deadline:
-                    break
-        except APIConnectionError:
-            if time.monotonic() < deadline:
-                raise
-        finally:
-            if timer is not None:
-                timer.cancel()
+        for event in self.events(job_id, _until=deadline):
+            if on_event is not None:
+                on_event(event)
+            if time.monotonic() >= deadline:
+                break
         info = self.status(job_id)
         if info.status == "completed":
             return info
