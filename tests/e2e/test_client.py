@@ -23,7 +23,7 @@ from svd_serve_client import (
     RateLimitError,
 )
 from tests.e2e.conftest import E2E_KEYS, Stack
-from tests.e2e.cutting_proxy import cutting_proxy
+from tests.e2e.cutting_proxy import Seen, cutting_proxy
 from tests.media_checks import ffprobe_video
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -83,12 +83,7 @@ async def test_async_submit_cancel_retry(e2e_stack: Stack, tmp_path: Path) -> No
         assert again.id in listed
 
 
-def test_events_resume_after_a_dropped_connection(e2e_stack: Stack) -> None:
-    with cutting_proxy(e2e_stack.base_url) as proxy, Client(proxy.url, e2e_stack.api_key) as client:
-        proxy.cut_events = 1
-        job = client.submit(SAMPLE, seed=12, cache=False, **SMALL)
-        events = list(job.events())
-    connections = proxy.requests("GET", f"/{job.id}/events")
+def assert_resumed(connections: list[Seen], events: list[Event]) -> None:
     assert len(connections) >= 2, "the stream was cut once, so the client reconnected"
     assert "last-event-id" not in connections[0].headers
     # The reconnect asked for what came after the one event that got through before the cut.
@@ -96,6 +91,25 @@ def test_events_resume_after_a_dropped_connection(e2e_stack: Stack) -> None:
     ids = [e.id for e in events]
     assert len(set(ids)) == len(ids) and ids == sorted(ids, key=lambda i: tuple(int(p) for p in i.split("-")))
     assert events[-1].type == "completed"
+
+
+async def test_events_resume_after_a_dropped_connection(e2e_stack: Stack) -> None:
+    import asyncio
+
+    with cutting_proxy(e2e_stack.base_url) as proxy:
+        with Client(proxy.url, e2e_stack.api_key) as client:
+            proxy.cut_events = 1
+            job = client.submit(SAMPLE, seed=12, cache=False, **SMALL)
+            events = await asyncio.to_thread(lambda: list(job.events()))
+        assert_resumed(proxy.requests("GET", f"/{job.id}/events"), events)
+
+        # The async client, on the ended job's stream (replayed from the start), cut the same way.
+        proxy.seen.clear()
+        proxy.cut_events = 1
+        async with AsyncClient(proxy.url, e2e_stack.api_key) as aclient:
+            replayed = [e async for e in aclient.events(job.id)]
+        assert_resumed(proxy.requests("GET", f"/{job.id}/events"), replayed)
+        assert [e.id for e in replayed] == [e.id for e in events]
 
 
 def test_a_retried_submit_reuses_its_idempotency_key(e2e_stack: Stack) -> None:

@@ -63,7 +63,7 @@ class Client:
                 response = None
             if response is not None and response.status_code < 400:
                 return response
-            delay = _wire.retry_delay(attempt, response, self.config) if retry_transport or response else None
+            delay = _wire.retry_delay(attempt, response, self.config) if retry_transport or response is not None else None
             if delay is None:
                 if response is None:
                     raise error
