@@ -14,7 +14,10 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
+
+from serving.ingress.schemas import OUTPUT_KINDS, AnimateOptions
+from serving.types import JobStatus, Priority
 
 if TYPE_CHECKING:
     from svd_serve_client import Client, Event, JobInfo
@@ -28,10 +31,11 @@ EXIT_UNREACHABLE = 5  # connection refused, DNS, timeout
 EXIT_SERVER_ERROR = 6  # 5xx
 EXIT_TIMEOUT = 7  # --wait / watch gave up before the job ended (the job goes on)
 
-PRIORITIES = ("high", "normal", "low")
-PROVIDERS = ("local", "runway", "auto")
-OUTPUTS = ("mp4", "webm", "gif", "webp", "thumbnail", "frames")
-STATUSES = ("queued", "processing", "completed", "error", "canceled")
+# The choices the API accepts, from the API's own definitions (checked before any request).
+PRIORITIES = tuple(p.value for p in Priority)
+PROVIDERS: tuple[str, ...] = get_args(AnimateOptions.model_fields["provider"].annotation)
+OUTPUTS = OUTPUT_KINDS
+STATUSES = tuple(s.value for s in JobStatus)
 
 
 class CliError(Exception):
