@@ -46,7 +46,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, *, retry_transport: bool = True, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> httpx.Response:
         url = self.config.base_url + path
         attempt = 0
         while True:
@@ -60,7 +60,7 @@ class AsyncClient:
                 response = None
             if response is not None and response.status_code < 400:
                 return response
-            delay = _wire.retry_delay(attempt, response, self.config) if retry_transport or response is not None else None
+            delay = _wire.retry_delay(attempt, response, self.config, idempotent=idempotent)
             if delay is None:
                 if response is None:
                     raise error
@@ -89,7 +89,7 @@ class AsyncClient:
         return JobInfo.from_json((await self._request("DELETE", f"{API}/{job_id}")).json())
 
     async def retry(self, job_id: str) -> AsyncJob:
-        response = await self._request("POST", f"{API}/{job_id}/retry", retry_transport=False)
+        response = await self._request("POST", f"{API}/{job_id}/retry", idempotent=False)
         return AsyncJob(self, JobInfo.from_json(response.json()))
 
     async def list(self, *, limit: int = 20, cursor: str | None = None, status: str | None = None) -> JobPage:

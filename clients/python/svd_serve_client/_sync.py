@@ -49,7 +49,7 @@ class Client:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, *, retry_transport: bool = True, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> httpx.Response:
         url = self.config.base_url + path
         attempt = 0
         while True:
@@ -63,7 +63,7 @@ class Client:
                 response = None
             if response is not None and response.status_code < 400:
                 return response
-            delay = _wire.retry_delay(attempt, response, self.config) if retry_transport or response is not None else None
+            delay = _wire.retry_delay(attempt, response, self.config, idempotent=idempotent)
             if delay is None:
                 if response is None:
                     raise error
@@ -98,7 +98,7 @@ class Client:
 
     def retry(self, job_id: str) -> Job:
         """Re-run a job that ended `error` or `canceled` as a new job (its `retry_of` is `job_id`)."""
-        response = self._request("POST", f"{API}/{job_id}/retry", retry_transport=False)
+        response = self._request("POST", f"{API}/{job_id}/retry", idempotent=False)
         return Job(self, JobInfo.from_json(response.json()))
 
     def list(self, *, limit: int = 20, cursor: str | None = None, status: str | None = None) -> JobPage:

@@ -20,6 +20,7 @@ from svd_serve_client._errors import ChecksumMismatch
 DEFAULT_URL = "http://127.0.0.1:8000"
 API = "/api/v1/animate-image"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+NOTHING_DONE_STATUSES = frozenset({429, 503})
 
 try:
     __version__ = version("svd-serve-client")
@@ -97,12 +98,17 @@ def _form_value(value: Any) -> str:
     return str(value)
 
 
-def retry_delay(attempt: int, response: httpx.Response | None, config: Config) -> float | None:
+def retry_delay(attempt: int, response: httpx.Response | None, config: Config, idempotent: bool = True) -> float | None:
     """Seconds to wait before retry number `attempt + 1`, or None to give up. A transport error
-    (no response) and 429/502/503/504 are retried, after `Retry-After` when the answer has one."""
+    (no response) and 429/502/503/504 are retried, after `Retry-After` when the answer has one.
+    A request that is not idempotent is retried only after an answer saying nothing was done
+    (429, 503): a lost connection or a gateway error may hide a success."""
     if attempt >= config.max_retries:
         return None
-    if response is not None and response.status_code not in RETRY_STATUSES:
+    statuses = RETRY_STATUSES if idempotent else NOTHING_DONE_STATUSES
+    if response is None and not idempotent:
+        return None
+    if response is not None and response.status_code not in statuses:
         return None
     backoff = min(8.0, 0.5 * 2**attempt) * (0.75 + random.random() / 2)
     header = response.headers.get("retry-after") if response is not None else None
