@@ -165,7 +165,8 @@ class Settings(BaseSettings):
     fal_default_prompt: str = ""  # used when a job has none; empty: a fal job without a prompt gets 422
     fal_timeout_s: float = 60.0
     fal_poll_interval_s: float = 2.0
-    fal_task_timeout_s: float = 1800.0
+    fal_task_timeout_s: float = 1800.0  # give up on a request (and cancel it) after this long
+    fal_output_max_bytes: int = 200 * 1024 * 1024
     fal_webhook_base_url: str = ""  # our public base URL: set, fal calls back when a request ends
     fal_price_per_second_usd: float = 0.04  # Pika v2.2 720p on fal: $0.20 per 5 s clip (docs/providers.md)
     fallback_enabled: bool = False
