@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from serving.db.models import Job
 from serving.errors import BudgetExceeded, InvalidInput
-from serving.providers.names import FAL, MANAGED, RUNWAY, canonical, configured_providers
+from serving.provider_names import FAL, LOCAL, MANAGED, RUNWAY, canonical
 from serving.settings import Settings
 from serving.types import ACTIVE_STATUS_VALUES, JobParams
 
@@ -131,7 +131,7 @@ def estimate(params: JobParams, provider: str, prices: Prices, local_job_seconds
         return CostEstimate(RUNWAY, prices.credits_cost(credits), credits=credits)
     if provider == FAL:
         return CostEstimate(FAL, round(fal_duration_s(params) * prices.fal_second_usd, 6))
-    return CostEstimate("local", prices.gpu_cost(local_job_seconds), gpu_seconds=local_job_seconds)
+    return CostEstimate(LOCAL, prices.gpu_cost(local_job_seconds), gpu_seconds=local_job_seconds)
 
 
 def share_batch(gpu_seconds: float, work: Sequence[float]) -> list[float]:
@@ -247,7 +247,7 @@ def job_estimate(settings: Settings, params: JobParams, requested_provider: str)
     """The estimate a client sees: on a managed provider when asked for by name, otherwise on
     the local pool (where `auto` goes unless a fallback rule fires)."""
     provider = canonical(requested_provider)
-    provider = provider if provider in MANAGED else "local"
+    provider = provider if provider in MANAGED else LOCAL
     return estimate(params, provider, Prices.from_settings(settings), settings.local_job_seconds_estimate)
 
 
@@ -255,7 +255,7 @@ def check_provider(settings: Settings, requested_provider: str, prompt: str | No
     """A managed provider without a configured key is refused (422 `provider_not_configured`);
     so is a fal job without a prompt when no default prompt is set (Pika requires one)."""
     provider = canonical(requested_provider)
-    if provider in MANAGED and provider not in configured_providers(settings):
+    if provider in MANAGED and provider not in settings.configured_providers():
         raise InvalidInput(
             f"provider {requested_provider!r} is not configured on this server.", code="provider_not_configured"
         )

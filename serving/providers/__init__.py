@@ -1,7 +1,7 @@
 """Where a job runs: the local Ray pool or a managed provider (Runway, fal), and who decides
 (issue #6, #14).
 
-- `names`: provider names, defined once (`local`, `runway`, `fal`; `pika` asks for fal).
+- `serving.provider_names`: provider names, defined once (`local`, `runway`, `fal`; `pika` = fal).
 - `routed.RoutedBackend`: the one `VideoBackend` the runner sees: route, run, fall back,
   breaker bookkeeping, then the one post-processing stage.
 - `router.ProviderRouter`: per-job routing (`local|runway|fal|auto`) with circuit breakers.

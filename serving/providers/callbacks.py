@@ -22,7 +22,7 @@ import structlog
 from serving.db.jobs import JobRepository
 from serving.errors import NotFound
 from serving.keys import Keys
-from serving.providers.names import FAL
+from serving.provider_names import FAL
 from serving.settings import Settings
 from serving.webhooks.inbound import InboundEvent, ProviderRegistry
 

@@ -38,7 +38,7 @@ from serving.db.jobs import JobRepository
 from serving.errors import JobCanceled, PermanentError, ProviderTaskFailed, RetryableError
 from serving.keys import Keys
 from serving.netguard import UrlPolicy, fetch_public
-from serving.providers.names import FAL
+from serving.provider_names import FAL
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
 from serving.types import EncodedVideo, JobParams, Rendered, RenderJob, Stage

@@ -18,7 +18,7 @@ from serving.backend import PostProcess, ProviderOutcome, StageCallback
 from serving.cost import Prices
 from serving.db.jobs import JobRepository
 from serving.errors import JobCanceled, PermanentError
-from serving.providers.names import LOCAL, MANAGED
+from serving.provider_names import LOCAL, MANAGED
 from serving.providers.router import ProviderRouter, RoutingDecision, RoutingReason
 from serving.types import PostProcessRequest, Rendered, RenderJob, RenderOutcome, Stage
 

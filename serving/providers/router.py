@@ -21,7 +21,7 @@ from serving.backend import ProviderBackend
 from serving.errors import PermanentError, ProviderUnavailable
 from serving.providers.breaker import CircuitBreaker
 from serving.providers.health import LocalHealth
-from serving.providers.names import AUTO, LOCAL, MANAGED, PROVIDERS, RUNWAY, canonical, configured_providers
+from serving.provider_names import AUTO, LOCAL, MANAGED, PROVIDERS, RUNWAY, canonical
 from serving.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -53,7 +53,7 @@ class RoutingPolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> RoutingPolicy:
         return cls(
-            configured=configured_providers(settings),
+            configured=settings.configured_providers(),
             fallback_enabled=settings.fallback_enabled,
             unhealthy_threshold_s=settings.local_unhealthy_threshold_s,
             sla_s=settings.routing_sla_s,

@@ -33,7 +33,7 @@ from serving.db.jobs import JobRepository
 from serving.errors import FetchFailed, JobCanceled, PermanentError, ProviderTaskFailed, RetryableError, UnsafeUrl
 from serving.keys import Keys
 from serving.netguard import UrlPolicy, fetch_public
-from serving.providers.names import RUNWAY
+from serving.provider_names import RUNWAY
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
 from serving.types import EncodedVideo, JobParams, Rendered, RenderJob, Stage

@@ -13,7 +13,7 @@ from serving.cost import Prices
 from serving.db.jobs import JobRepository
 from serving.keys import Keys
 from serving.providers.health import LocalHealth, PoolState
-from serving.providers.names import FAL, LOCAL, RUNWAY
+from serving.provider_names import FAL, LOCAL, RUNWAY
 from serving.providers.routed import RoutedBackend
 from serving.providers.router import ProviderRouter
 from serving.queue import JobQueue

@@ -16,7 +16,7 @@ from serving.backend import StageCallback
 from serving.cost import CostEstimate, Prices, estimate
 from serving.errors import RetryableError, RunHandedBack
 from serving.providers.health import PoolState, pool_state_of
-from serving.providers.names import LOCAL
+from serving.provider_names import LOCAL
 from serving.types import (
     Clip,
     GenerationRequest,

@@ -8,10 +8,7 @@ where it ran: `local`, `runway` or `fal`.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Literal, get_args
-
-if TYPE_CHECKING:
-    from serving.settings import Settings
+from typing import Literal, get_args
 
 
 class Provider(str, enum.Enum):
@@ -29,6 +26,7 @@ AUTO = "auto"
 PROVIDERS = tuple(p.value for p in Provider)
 MANAGED = (RUNWAY, FAL)  # paid services that run a task we create, poll and may resume
 
+ManagedProvider = Literal["runway", "fal"]  # the settings' `fallback_provider`
 # What the API's `provider` field accepts.
 RequestedProvider = Literal["auto", "local", "runway", "fal", "pika"]
 REQUESTABLE: tuple[str, ...] = get_args(RequestedProvider)
@@ -39,8 +37,3 @@ def canonical(requested: str) -> str:
     """The provider (or `auto`) a requested name means: `pika` -> `fal`."""
     return ALIASES.get(requested, requested)
 
-
-def configured_providers(settings: Settings) -> frozenset[str]:
-    """The managed providers this server holds an API key for."""
-    keys = {RUNWAY: settings.runway_api_key, FAL: settings.fal_api_key}
-    return frozenset(name for name, key in keys.items() if key.get_secret_value())
