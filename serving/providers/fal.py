@@ -73,8 +73,7 @@ class _Rebased(httpx.AsyncBaseTransport):
 
 
 class _QueueClient(fal_client.AsyncClient):
-    """The SDK's client with the key passed in (never read from the environment) and, for a
-    non-default `fal_queue_url` (a regional proxy, the tests' loopback fal), that base URL."""
+    """The SDK's client at another queue URL (`fal_queue_url`: a proxy, the tests' loopback fal)."""
 
     def __init__(self, key: str, timeout_s: float, queue_url: str) -> None:
         super().__init__(key=key, default_timeout=timeout_s)
@@ -89,9 +88,13 @@ class _QueueClient(fal_client.AsyncClient):
         )
 
 
-def queue_client(settings: Settings) -> _QueueClient:
-    """The SDK's client for this server's fal key and queue URL."""
-    return _QueueClient(settings.fal_api_key.get_secret_value(), settings.fal_timeout_s, settings.fal_queue_url)
+def queue_client(settings: Settings) -> fal_client.AsyncClient:
+    """The SDK's client for this server's fal key (passed in, never read from the environment);
+    at fal's own queue URL the SDK's client as it is (with its backup-domain transport)."""
+    key = settings.fal_api_key.get_secret_value()
+    if settings.fal_queue_url.rstrip("/") == SDK_QUEUE_URL:
+        return fal_client.AsyncClient(key=key, default_timeout=settings.fal_timeout_s)
+    return _QueueClient(key, settings.fal_timeout_s, settings.fal_queue_url)
 
 
 def arguments(model: str, settings: Settings, job: RenderJob, image: bytes, prompt: str) -> dict[str, Any]:
