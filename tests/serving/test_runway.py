@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from serving.types import JobParams, JobStatus, QueuedJob, Rendered, RenderJob
 from serving.worker.postprocessing import InProcessPostProcess, PostProcessingService
 from serving.worker.runner import JobRunner
 from tests.fake_runway import API_VERSION, FakeRunway, running_fake_runway
-from tests.media_checks import ffprobe_video, video_stream_bytes
+from tests.media_checks import ffprobe_video, mp4_top_level_boxes, video_stream_bytes
 from tests.serving.test_storage import s3_storage  # noqa: F401  (fixture)
 
 PARAMS = JobParams(
@@ -119,6 +121,18 @@ async def env(tmp_path: Path, redis_url: str, unique_prefix: str, fake: FakeRunw
         await engine.dispose()
 
 
+def moov_at_end(mp4: bytes) -> bytes:
+    """The same stream remuxed without faststart: `moov` after `mdat`."""
+    import imageio_ffmpeg
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.mp4", Path(tmp) / "out.mp4"
+        src.write_bytes(mp4)
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(src), "-c", "copy",
+                        str(out)], check=True, timeout=60)
+        return out.read_bytes()
+
+
 def info(attempt: int = 1, max_attempts: int = 3) -> ConsumedJobInfo:
     return ConsumedJobInfo(attempt=attempt, max_attempts=max_attempts)
 
@@ -130,6 +144,7 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> 
 
 
 async def test_runway_job_completes_with_outputs_copied_remuxed_and_costed(env: Env) -> None:
+    env.fake.video = moov_at_end(env.fake.video)  # as a plain encoder writes it: not streamable
     job_id = await env.new_job()
     await env.runner().handle(QueuedJob(job_id, "o1"), info())
     job = await env.jobs.get(job_id)
@@ -151,6 +166,9 @@ async def test_runway_job_completes_with_outputs_copied_remuxed_and_costed(env: 
     assert probe["codec_name"] == "h264" and probe["pix_fmt"] == "yuv420p"
     assert (probe["width"], probe["height"]) == (64, 64) and probe["nb_frames"] == 12
     assert video_stream_bytes(stored.read_bytes()) == video_stream_bytes(env.fake.video)
+    assert mp4_top_level_boxes(env.fake.video).index("moov") > mp4_top_level_boxes(env.fake.video).index("mdat")
+    boxes = mp4_top_level_boxes(stored.read_bytes())
+    assert boxes.index("moov") < boxes.index("mdat")  # faststart: playable while it downloads
     assert env.storage.exists(f"o1/{job_id}/thumbnail.jpg")
     # Cost: Runway's credits at the configured credit price (5 s x 5 credits x $0.01).
     assert job.provider_credits == 25 and job.cost_usd == pytest.approx(0.25)
