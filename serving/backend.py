@@ -43,7 +43,6 @@ class ProviderOutcome(RenderOutcome):
 
     credits: float | None = None
     cost_usd: float | None = None
-    provider: str | None = None
 
 
 class ProviderBackend(Protocol):

@@ -75,7 +75,6 @@ class RoutedBackend:
             timings={**rendered.timings, **processed.timings},
             credits=rendered.credits,
             cost_usd=self._cost_usd(rendered),
-            provider=decision.provider,
         )
 
     async def discard(self, job: RenderJob) -> None:
