@@ -51,7 +51,7 @@ async def _call(response: Awaitable[T]) -> T:
 class RayPostProcess:
     """The PostProcessor deployment as the one post-processing stage of every backend."""
 
-    def __init__(self, postprocessor: DeploymentHandle) -> None:
+    def __init__(self, postprocessor: DeploymentHandle[Any]) -> None:
         self._postprocessor = postprocessor
 
     async def process(self, request: PostProcessRequest, clip: Clip) -> PostProcessResult:
@@ -68,7 +68,7 @@ class LocalRayBackend:
 
     def __init__(
         self,
-        generator: DeploymentHandle,
+        generator: DeploymentHandle[Any],
         *,
         app_name: str | None = None,
         prices: Prices | None = None,
