@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from serving.backend import StageCallback
 from serving.cost import CostEstimate, Prices
 from serving.db.engine import make_engine, make_session_factory
-from serving.db.jobs import JobRepository
+from serving.db.jobs import JobRecord, JobRepository
 from serving.db.migrate import upgrade
 from serving.errors import PermanentError, RetryableError
 from serving.keys import Keys
@@ -53,6 +53,17 @@ class LocalMustNotRun:
     async def generate(self, job: RenderJob, on_stage: StageCallback) -> Rendered:
         raise AssertionError("the local backend was called for a Runway job")
 
+
+class LocalDown(LocalMustNotRun):
+    """A local pool whose every run fails (no GPU comes up)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def generate(self, job: RenderJob, on_stage: StageCallback) -> Rendered:
+        self.calls += 1
+        raise RuntimeError("no GPU")
+
     async def health(self) -> bool:
         return True
 
@@ -69,6 +80,8 @@ class Env:
     keys: Keys
     storage: LocalStorage | S3Storage  # the input image and the outputs
     backend: RunwayBackend
+    local: LocalMustNotRun = dataclasses.field(default_factory=LocalMustNotRun)
+    outcomes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (job id, terminal status)
 
     async def new_job(
         self, *, provider: str = "runway", prompt: str | None = "a calm sea", params: JobParams = PARAMS
@@ -86,11 +99,19 @@ class Env:
 
     def runner(self) -> JobRunner:
         """The runner as the Dispatcher builds it: one routed backend, post-processing after it."""
-        router = ProviderRouter.from_settings(self.settings, {"local": LocalMustNotRun(), "runway": self.backend})
+        router = ProviderRouter.from_settings(self.settings, {"local": self.local, "runway": self.backend})
         prices = Prices.from_settings(self.settings)
         post = InProcessPostProcess(PostProcessingService(self.settings, self.storage))
         routed = RoutedBackend(router, post, self.jobs, prices=prices)
-        return JobRunner(self.jobs, routed, self.redis, self.keys, prices=prices)
+        return JobRunner(self.jobs, routed, self.redis, self.keys, self, prices=prices)
+
+    # The runner's event sink: the terminal statuses it announces.
+    async def job_changed(self, record: JobRecord, *, queue_position: int | None = None) -> None:
+        if record.status.terminal:
+            self.outcomes.append((record.id, record.status.value))
+
+    async def job_progress(self, job_id: str, **_: object) -> None:
+        pass
 
 
 @pytest.fixture
@@ -187,6 +208,24 @@ async def test_a_runway_video_that_needs_shaping_is_decoded_and_re_encoded(env: 
     assert probe["nb_frames"] == 22 and probe["r_frame_rate"] == 24  # 12 frames ping-ponged, at Runway's rate
     assert {"decode_s", "encode_mp4_s"} <= set(job.timings)
     assert video_stream_bytes(env.storage.get(job.outputs["mp4"]["key"])) != video_stream_bytes(env.fake.video)
+
+
+async def test_local_failure_on_the_last_attempt_falls_back_to_runway_with_one_outcome(env: Env) -> None:
+    env.local = LocalDown()
+    job_id = await env.new_job(provider="auto")
+    with pytest.raises(RetryableError):
+        await env.runner().handle(QueuedJob(job_id, "o1"), info(1, max_attempts=2))
+    assert env.fake.tasks == {} and env.outcomes == []  # the queue retries locally first
+    await env.runner().handle(QueuedJob(job_id, "o1"), info(2, max_attempts=2))
+    job = await env.jobs.get(job_id)
+    assert job is not None and job.status is JobStatus.COMPLETED, job
+    (task_id,) = env.fake.tasks
+    assert (job.provider, job.routing_reason, job.provider_job_id) == ("runway", "local_failed", task_id)
+    assert env.local.calls == 2 and job.provider_credits == 25 and job.cost_usd == pytest.approx(0.25)
+    # Exactly one outcome: one terminal status, one set of outputs.
+    assert env.outcomes == [(job_id, "completed")]
+    assert sorted(p.name for p in env.storage.path(f"o1/{job_id}").iterdir()) == [
+        "input.png", "thumbnail.jpg", "video.mp4"]
 
 
 async def test_failed_create_is_sent_once_and_the_job_retried_by_our_queue(env: Env) -> None:
