@@ -1,4 +1,12 @@
-"""The one interface the dispatcher knows (STYLE 2): something that turns a job into outputs."""
+"""The interfaces between the dispatcher and whatever makes a video (STYLE 2).
+
+- `VideoBackend`: the one interface the runner knows: a job in, stored outputs out. In the
+  Dispatcher it is `serving.providers.routed.RoutedBackend`.
+- `ProviderBackend`: one place a clip can be made (the local Ray pool, Runway, fal). It returns
+  frames or a video file (`Rendered`) and never stores outputs itself.
+- `PostProcess`: the one post-processing stage that turns any backend's clip into the job's
+  stored outputs (the PostProcessor deployment, or `PostProcessingService` in-process).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from serving.types import JobParams, RenderJob, RenderOutcome, Stage
+from serving.types import Clip, JobParams, PostProcessRequest, PostProcessResult, Rendered, RenderJob, RenderOutcome, Stage
 
 if TYPE_CHECKING:
     from serving.cost import CostEstimate
@@ -15,7 +23,7 @@ StageCallback = Callable[[Stage, float], Awaitable[None]]
 
 
 class VideoBackend(Protocol):
-    """Implemented by the local Ray generator (and, later, by the Runway adapter)."""
+    """What the runner calls for every job."""
 
     name: str
 
@@ -31,16 +39,22 @@ class VideoBackend(Protocol):
 
 @dataclass
 class ProviderOutcome(RenderOutcome):
-    """A managed provider's outcome: what it charged, in its credits (issue #6)."""
+    """An outcome with what it cost where it ran (issue #6): the provider's credits and/or USD."""
 
     credits: float | None = None
+    cost_usd: float | None = None
 
 
-class ProviderBackend(VideoBackend, Protocol):
-    """A `VideoBackend` the router can choose (issue #6): besides `render`/`discard`, it says
-    whether it can take work and what a job would cost there. Managed providers (Runway) also
-    expose their task steps: `submit(job, prompt) -> task id`, `status(task id)`, `cancel(task id)`,
-    which their `render` strings together (polling, resuming a stored task id)."""
+class ProviderBackend(Protocol):
+    """One place a clip can be made (issue #6, #14): the router chooses among these. Managed
+    providers (Runway, fal) also expose their task steps (`submit`, `status`, `cancel`), which
+    their `generate` strings together (polling, resuming a stored task id)."""
+
+    name: str
+
+    async def generate(self, job: RenderJob, on_stage: StageCallback) -> Rendered:
+        """The job's clip: frames or a finished video file, not yet post-processed."""
+        ...
 
     async def health(self) -> bool:
         """Whether the backend can take a job now."""
@@ -49,3 +63,11 @@ class ProviderBackend(VideoBackend, Protocol):
     def estimate_cost(self, params: JobParams) -> CostEstimate:
         """What a job with `params` is expected to cost on this backend."""
         ...
+
+
+class PostProcess(Protocol):
+    """The post-processing stage: shape, encode (or remux) and store a clip's outputs."""
+
+    async def process(self, request: PostProcessRequest, clip: Clip) -> PostProcessResult: ...
+
+    async def discard(self, request: PostProcessRequest) -> int: ...

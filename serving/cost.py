@@ -2,7 +2,8 @@
 
 A local job costs its GPU-seconds (measured on the replica; a batch's time is shared across its
 jobs by `share_batch`) at the configured GPU-hour price, spot or on-demand. A Runway job costs the
-credits Runway reports on the finished task at the configured credit price. Monthly totals are
+credits Runway reports on the finished task at the configured credit price. A fal job costs its
+model's list price per output second (`FAL_PRICES`; fal reports no cost per request). Monthly totals are
 summed from the jobs table (the system of record), by the time each job ended. A budget counts
 what the month spent plus the estimates of the owner's jobs that have not ended yet, so that a
 queue of accepted jobs cannot run past it.
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from serving.db.models import Job
 from serving.errors import BudgetExceeded, InvalidInput
+from serving.provider_names import FAL, LOCAL, MANAGED, RUNWAY, canonical
 from serving.settings import Settings
 from serving.types import ACTIVE_STATUS_VALUES, JobParams
 
@@ -36,6 +38,32 @@ BUDGET_HARD_LIMIT = Counter("svd_budget_hard_limit_total", "Submissions refused 
 
 # Runway's image_to_video durations (seconds) for gen4_turbo; a clip maps to the nearest.
 RUNWAY_DURATIONS_S = (5, 10)
+# Pika's (and Kling's) durations on fal; likewise.
+FAL_DURATIONS_S = (5, 10)
+
+
+@dataclass(frozen=True)
+class FalPrice:
+    """A fal model's list price per output second, by resolution, and where it was read."""
+
+    per_second_usd: dict[str, float]
+    source: str
+    checked: str  # the date the price was read
+
+
+# fal's list prices (fal bills per clip, not per GPU-second). Prices change: docs/providers.md.
+FAL_PRICES: dict[str, FalPrice] = {
+    # "5 second video at 720p costs $0.20. 5 second video at 1080p costs $0.45."
+    "fal-ai/pika/v2.2/image-to-video": FalPrice(
+        {"720p": 0.04, "1080p": 0.09},
+        "https://fal.ai/models/fal-ai/pika/v2.2/image-to-video/llms.txt", "2026-12-02",
+    ),
+    # "$0.08 per video second for 720p, $0.06 per video second for 580p, $0.04 ... for 480p"
+    "fal-ai/wan/v2.2-a14b/image-to-video": FalPrice(
+        {"720p": 0.08, "580p": 0.06, "480p": 0.04},
+        "https://fal.ai/models/fal-ai/wan/v2.2-a14b/image-to-video/llms.txt", "2026-12-02",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +73,7 @@ class Prices:
     gpu_hour_usd: float
     credit_usd: float
     credits_per_second: float
+    fal_second_usd: float = 0.0  # the configured fal model at its resolution
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Prices:
@@ -53,6 +82,7 @@ class Prices:
             gpu_hour_usd=hour,
             credit_usd=settings.runway_credit_price_usd,
             credits_per_second=settings.runway_credits_per_second,
+            fal_second_usd=fal_second_usd(settings),
         )
 
     def gpu_cost(self, gpu_seconds: float) -> float:
@@ -72,18 +102,36 @@ class CostEstimate:
     credits: float | None = None
 
 
-def runway_duration_s(params: JobParams) -> int:
-    """The Runway clip length closest to the requested clip (frames / fps)."""
+def nearest_duration_s(params: JobParams, durations: Sequence[int]) -> int:
+    """The provider's clip length closest to the requested clip (frames / fps)."""
     seconds = params.num_frames / max(1, params.fps)
-    return min(RUNWAY_DURATIONS_S, key=lambda d: (abs(d - seconds), d))
+    return min(durations, key=lambda d: (abs(d - seconds), d))
+
+
+def runway_duration_s(params: JobParams) -> int:
+    return nearest_duration_s(params, RUNWAY_DURATIONS_S)
+
+
+def fal_duration_s(params: JobParams) -> int:
+    return nearest_duration_s(params, FAL_DURATIONS_S)
+
+
+def fal_second_usd(settings: Settings) -> float:
+    """The configured fal model's price per output second: the table's, else the setting."""
+    price = FAL_PRICES.get(settings.fal_model)
+    if price is not None and settings.fal_resolution in price.per_second_usd:
+        return price.per_second_usd[settings.fal_resolution]
+    return settings.fal_price_per_second_usd
 
 
 def estimate(params: JobParams, provider: str, prices: Prices, local_job_seconds: float) -> CostEstimate:
-    """Expected cost of `params` on `provider` ("local" or "runway")."""
-    if provider == "runway":
+    """Expected cost of `params` on `provider` (`local`, `runway`, `fal`)."""
+    if provider == RUNWAY:
         credits = runway_duration_s(params) * prices.credits_per_second
-        return CostEstimate("runway", prices.credits_cost(credits), credits=credits)
-    return CostEstimate("local", prices.gpu_cost(local_job_seconds), gpu_seconds=local_job_seconds)
+        return CostEstimate(RUNWAY, prices.credits_cost(credits), credits=credits)
+    if provider == FAL:
+        return CostEstimate(FAL, round(fal_duration_s(params) * prices.fal_second_usd, 6))
+    return CostEstimate(LOCAL, prices.gpu_cost(local_job_seconds), gpu_seconds=local_job_seconds)
 
 
 def share_batch(gpu_seconds: float, work: Sequence[float]) -> list[float]:
@@ -196,16 +244,26 @@ def parse_owner_budgets(raw: str) -> dict[str, float]:
 
 
 def job_estimate(settings: Settings, params: JobParams, requested_provider: str) -> CostEstimate:
-    """The estimate a client sees: on Runway when asked for, otherwise on the local pool (where
-    `auto` goes unless a fallback rule fires)."""
-    provider = "runway" if requested_provider == "runway" else "local"
+    """The estimate a client sees: on a managed provider when asked for by name, otherwise on
+    the local pool (where `auto` goes unless a fallback rule fires)."""
+    provider = canonical(requested_provider)
+    provider = provider if provider in MANAGED else LOCAL
     return estimate(params, provider, Prices.from_settings(settings), settings.local_job_seconds_estimate)
 
 
-def check_provider(settings: Settings, requested_provider: str) -> None:
-    """`runway` without a configured key is refused (422 `provider_not_configured`)."""
-    if requested_provider == "runway" and not settings.runway_api_key.get_secret_value():
-        raise InvalidInput("provider 'runway' is not configured on this server.", code="provider_not_configured")
+def check_provider(settings: Settings, requested_provider: str, prompt: str | None = None) -> None:
+    """A managed provider without a configured key is refused (422 `provider_not_configured`);
+    so is a fal job without a prompt when no default prompt is set (Pika requires one)."""
+    provider = canonical(requested_provider)
+    if provider in MANAGED and provider not in settings.configured_providers():
+        raise InvalidInput(
+            f"provider {requested_provider!r} is not configured on this server.", code="provider_not_configured"
+        )
+    if provider == FAL and not (prompt or "").strip() and not settings.fal_default_prompt:
+        raise InvalidInput(
+            f"provider {requested_provider!r} ({settings.fal_model}) needs a prompt that describes the motion.",
+            code="prompt_required",
+        )
 
 
 async def admit_cost(

@@ -8,6 +8,8 @@
 - `{prefix}:webhooks:due`       zset of outbound webhook delivery ids, score = when the next attempt
   is due (ms); a claimed delivery's score is pushed out by a lease (`serving.webhooks.scheduler`).
 - `{prefix}:inbound:{provider}:{delivery id}`  "1" for a provider webhook already processed (SET NX).
+- `{prefix}:job:{id}:provider_wake`  list: a verified provider callback for the job pushes one
+  entry; the Dispatcher polling that provider pops it to poll at once (`serving.providers.callbacks`).
 - `{prefix}:ratelimit:{key id}`  hash {tokens, ts}: the request token bucket of one API key
   (`serving.security.rate_limits`); expires once the bucket would be full again.
 - `{prefix}:authfail:{client address}`  hash {tokens, ts}: the bucket of failed authentications
@@ -47,6 +49,9 @@ class Keys:
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
+
+    def provider_wake(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:provider_wake"
 
     def webhooks_due(self) -> str:
         return f"{self.prefix}:webhooks:due"

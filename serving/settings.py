@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.options import parse_warmup_buckets
+from serving.provider_names import FAL, RUNWAY, ManagedProvider
 
 PLACEHOLDER = "changeme"
 
@@ -156,7 +157,21 @@ class Settings(BaseSettings):
     runway_poll_max_interval_s: float = 30.0  # backoff ceiling while a task is THROTTLED/PENDING
     runway_task_timeout_s: float = 1800.0  # give up on a task (and delete it) after this long
     runway_output_max_bytes: int = 200 * 1024 * 1024
+    # fal (issue #14): its queue API through `fal-client`; the model a setting, Pika by default
+    # (Kling or Veo on fal work the same way). docs/providers.md maps our parameters onto it.
+    fal_api_key: SecretStr = SecretStr("")
+    fal_queue_url: str = "https://queue.fal.run"
+    fal_model: str = "fal-ai/pika/v2.2/image-to-video"
+    fal_resolution: str = "720p"
+    fal_default_prompt: str = ""  # used when a job has none; empty: a fal job without a prompt gets 422
+    fal_timeout_s: float = 60.0
+    fal_poll_interval_s: float = 2.0
+    fal_task_timeout_s: float = 1800.0  # give up on a request (and cancel it) after this long
+    fal_output_max_bytes: int = 200 * 1024 * 1024
+    fal_webhook_base_url: str = ""  # our public base URL: set, fal calls back when a request ends
+    fal_price_per_second_usd: float = 0.04  # Pika v2.2 720p on fal: $0.20 per 5 s clip (docs/providers.md)
     fallback_enabled: bool = False
+    fallback_provider: ManagedProvider = "runway"  # where `auto` falls back to
     # `auto` goes to Runway when the local pool was unhealthy this long, or when the estimated
     # local wait exceeds the SLA (0: no SLA rule), or when the job failed locally on every attempt.
     local_unhealthy_threshold_s: float = 60.0
@@ -232,6 +247,11 @@ class Settings(BaseSettings):
     @property
     def resolved_public_base_url(self) -> str:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def configured_providers(self) -> frozenset[str]:
+        """The managed providers this server holds an API key for (serving.provider_names)."""
+        keys = {RUNWAY: self.runway_api_key, FAL: self.fal_api_key}
+        return frozenset(name for name, key in keys.items() if key.get_secret_value())
 
     def api_key_owners(self) -> dict[str, str]:
         """Map of API key -> owner id."""

@@ -109,12 +109,42 @@ class QueuedJob:
 
 @dataclass(frozen=True)
 class RenderJob:
-    """One job as a backend sees it: everything needed to produce its outputs."""
+    """One job as a backend sees it: everything needed to produce its outputs, so that no
+    backend reads the jobs row again."""
 
     job_id: str
     owner_id: str
     image_key: str
     params: JobParams
+    prompt: str | None = None
+    requested_provider: str = "auto"  # what the client asked for: a provider name or `auto`
+    # A managed provider's task that an earlier run of this job created (resumed, never re-paid).
+    provider: str | None = None
+    provider_task_id: str | None = None
+    last_attempt: bool = True  # the queue will not retry a failure: the last chance to fall back
+
+
+@dataclass(frozen=True)
+class EncodedVideo:
+    """A finished video file a managed provider handed back (MP4 or WebM bytes)."""
+
+    data: bytes
+
+
+# What a backend makes before post-processing: decoded frames (uint8, (N, H, W, 3)) or a file.
+Clip = np.ndarray | EncodedVideo
+
+
+@dataclass
+class Rendered:
+    """A backend's clip and its cost basis, before the one post-processing stage."""
+
+    clip: Clip
+    gpu_seconds: float
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+    credits: float | None = None  # what a managed provider charged, in its credits
+    cost_usd: float | None = None  # what a provider priced per clip charged, in USD
 
 
 @dataclass

@@ -150,3 +150,23 @@ def animated_image_info(data: bytes) -> dict[str, Any]:
             "loop": image.info.get("loop"),
             "durations": durations,
         }
+
+
+def video_stream_bytes(data: bytes) -> bytes:
+    """The first video stream's coded bytes (H.264 Annex B), copied out without decoding: two
+    files with equal streams hold the same pictures, bit for bit, whatever their container."""
+    import tempfile
+
+    import imageio_ffmpeg
+
+    with tempfile.TemporaryDirectory(prefix="stream-bytes-") as tmp:
+        path = Path(tmp) / "video.mp4"  # a file, not a pipe: an MP4 with moov at the end needs seeks
+        path.write_bytes(data)
+        command = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", str(path),
+            "-map", "0:v:0", "-c", "copy", "-bsf:v", "h264_mp4toannexb", "-f", "h264", "pipe:1",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, timeout=120, check=False)
+    if result.returncode != 0 or not result.stdout:
+        raise AssertionError(f"ffmpeg could not copy the video stream: {result.stderr.decode(errors='replace')}")
+    return result.stdout

@@ -35,6 +35,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from serving.provider_names import AUTO, LOCAL
 from serving.db.errors import DuplicateIdempotencyKey
 from serving.db.models import Job, JSONType, UTCDateTime
 from serving.errors import Conflict, InvalidInput, InvalidTransition, NotFound
@@ -88,7 +89,7 @@ class JobRecord:
     cached_from: str | None = None
     idempotency_fingerprint: str | None = None  # SHA-256 of the request behind idempotency_key
     retry_of: str | None = None  # the failed job this one re-runs
-    requested_provider: str = "auto"  # what the client asked for: local|runway|auto (issue #6)
+    requested_provider: str = AUTO  # what the client asked for (serving.provider_names)
     routing_reason: str | None = None  # why the job went to `provider`
     provider_credits: float | None = None  # a managed provider's credits behind `cost_usd`
 
@@ -145,7 +146,7 @@ class JobRepository:
         max_attempts: int = 3,
         idempotency_fingerprint: str | None = None,
         retry_of: str | None = None,
-        requested_provider: str = "auto",
+        requested_provider: str = AUTO,
     ) -> JobRecord:
         """Insert a queued job. Raises `DuplicateIdempotencyKey` (carrying the existing job) when
         the owner already used `idempotency_key`, `Conflict` when `job_id` exists."""
@@ -160,7 +161,7 @@ class JobRepository:
                     "prompt": prompt,
                     "image_url": image_url,
                     "status": JobStatus.QUEUED.value,
-                    "provider": "local",
+                    "provider": LOCAL,
                     "attempts": 0,
                     "max_attempts": max_attempts,
                     "created_at": now,

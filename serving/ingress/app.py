@@ -31,6 +31,7 @@ from serving.security.middleware import install_security_middleware
 from serving.security.setup import build_security
 from serving.settings import Settings
 from serving.storage import S3Storage, make_storage
+from serving.providers.callbacks import Closer, register_provider_webhooks
 from serving.webhooks.inbound import ProviderRegistry
 from serving.webhooks.services import DeliveryServices, build_delivery_services
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
         redis = command_client(settings.redis_url)
         queue = JobQueue(settings.redis_url, settings.queue_name)
         delivery: DeliveryServices | None = None
+        closers: list[Closer] = []
         try:
             await check_migrated(engine)  # refuse to serve on an unmigrated database
             setup_observability(settings, "api")  # tracing / Sentry, when configured
@@ -58,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
             sessions = make_session_factory(engine)
             keys = Keys(settings.key_prefix)
             delivery = build_delivery_services(settings, sessions, storage, app.state.providers)
+            closers = register_provider_webhooks(app.state.providers, settings, JobRepository(sessions), redis, keys)
             app.state.services = Services(
                 settings=settings,
                 engine=engine,
@@ -75,6 +78,8 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("ingress_started", base_url=settings.resolved_public_base_url)
             yield
         finally:
+            for close in closers:
+                await close()
             if delivery is not None:
                 await delivery.aclose()
             await queue.close()
@@ -88,7 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
     )
-    # Provider callback handlers (issue #6 registers Runway's); may be filled before start-up.
+    # Provider callback handlers (fal's registered at start-up, serving.providers.callbacks).
     app.state.providers = ProviderRegistry()
     install_problem_handlers(app)
     install_security_middleware(app, settings)

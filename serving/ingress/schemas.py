@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from serving.provider_names import RequestedProvider
 from serving.types import JobStatus, Priority
 
 OutputKind = Literal["mp4", "webm", "gif", "webp", "thumbnail", "frames"]
@@ -41,7 +42,7 @@ class AnimateOptions(ApiModel):
     loop: bool = False  # ping-pong: the clip forwards then backwards
     cache: bool = True  # False: never complete from an identical earlier job
     priority: Priority = Priority.NORMAL
-    provider: Literal["local", "runway", "auto"] = "auto"
+    provider: RequestedProvider = "auto"  # serving.provider_names
     webhook_url: str | None = Field(default=None, max_length=2048)
     metadata: dict[str, Any] | None = None
 

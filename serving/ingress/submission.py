@@ -43,7 +43,7 @@ async def submit_job(
     """Validate, then store, record and enqueue. Returns (job, created). Any failure after the
     first write undoes what was written, so a refused or failed submission leaves nothing."""
     params = resolve_params(submission.options, services.settings.default_model)
-    check_provider(services.settings, submission.options.provider)  # 422 before anything is stored
+    check_provider(services.settings, submission.options.provider, submission.options.prompt)  # 422 before storing
     # Decoding and re-encoding a large photo takes about a second: keep it off the event loop.
     image = await asyncio.to_thread(check_image, submission.image_bytes)
     if not submission.options.webhook_url and (default := default_webhook_url(services.settings, owner_id)):

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import redis.asyncio as aioredis
 
+from serving.provider_names import LOCAL
 from serving.db.jobs import JobRecord
 from serving.keys import Keys
 from serving.metrics import (
@@ -64,7 +65,7 @@ class JobMetrics:
             for stage, seconds in stage_seconds(record.timings).items():
                 batch.observe(JOB_STAGE_SECONDS, {"stage": stage, "model": record.model}, seconds)
             cost = job_cost_usd(record, self._gpu_hour_price_usd)
-            provider = record.provider or "local"
+            provider = record.provider or LOCAL
             batch.observe(JOB_COST_USD, {"provider": provider, "model": record.model}, cost)
             batch.inc(OWNER_COST_USD, {"owner": record.owner_id, "provider": provider}, cost)
             batch.inc(OWNER_GPU_SECONDS, {"owner": record.owner_id}, float(record.gpu_seconds or 0.0))

@@ -1,11 +1,12 @@
-"""Which provider runs a job, and why (issue #6).
+"""Which provider runs a job, and why (issue #6, #14).
 
-Per request `provider`: `local`, `runway` or `auto` (the default). `auto` stays local unless the
-operator allowed the fallback (`fallback_enabled` and a Runway key) and one of these holds: the
-job failed locally on its every attempt; the local pool has had no healthy replica for longer
-than `local_unhealthy_threshold_s`; the estimated local queue wait exceeds `routing_sla_s`; the
-local breaker is open. A provider whose breaker is open gets nothing but its periodic probe.
-Each decision is stored on the job (`provider`, `routing_reason`) and counted in metrics.
+Per request `provider`: `local`, `runway`, `fal` (alias `pika`) or `auto` (the default). `auto`
+stays local unless the operator allowed the fallback (`fallback_enabled` and a key for the
+`fallback_provider`, Runway or fal) and one of these holds: the job failed locally on its every
+attempt; the local pool has had no healthy replica for longer than `local_unhealthy_threshold_s`;
+the estimated local queue wait exceeds `routing_sla_s`; the local breaker is open. A provider
+whose breaker is open gets nothing but its periodic probe. Each decision is stored on the job
+(`provider`, `routing_reason`) and counted in metrics by `serving.providers.routed`.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from serving.backend import VideoBackend
+from serving.backend import ProviderBackend
 from serving.errors import PermanentError, ProviderUnavailable
 from serving.providers.breaker import CircuitBreaker
 from serving.providers.health import LocalHealth
+from serving.provider_names import AUTO, LOCAL, MANAGED, PROVIDERS, RUNWAY, canonical
 from serving.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-LOCAL = "local"
-RUNWAY = "runway"
-PROVIDERS = (LOCAL, RUNWAY)
 
 WaitEstimator = Callable[[], Awaitable[float]]
 
@@ -38,7 +36,7 @@ class RoutingReason(str, enum.Enum):
     LOCAL_UNHEALTHY = "local_unhealthy"  # no healthy local replica for too long
     QUEUE_WAIT = "queue_wait"  # the estimated local wait exceeds the SLA
     LOCAL_BREAKER_OPEN = "local_breaker_open"
-    RUNWAY_BREAKER_OPEN = "runway_breaker_open"  # would have fallen back, but Runway is failing
+    FALLBACK_BREAKER_OPEN = "fallback_breaker_open"  # would have fallen back, but that provider is failing
     RESUMED = "resumed"  # a provider task already exists for the job: keep polling it
 
 
@@ -46,23 +44,26 @@ class RoutingReason(str, enum.Enum):
 class RoutingPolicy:
     """The operator's routing settings."""
 
-    runway_configured: bool  # a Runway API key is set
+    configured: frozenset[str]  # managed providers with an API key
     fallback_enabled: bool
     unhealthy_threshold_s: float
     sla_s: float  # 0: no SLA rule
+    fallback_provider: str = RUNWAY  # where `auto` goes when a rule fires
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RoutingPolicy:
         return cls(
-            runway_configured=bool(settings.runway_api_key.get_secret_value()),
+            configured=settings.configured_providers(),
             fallback_enabled=settings.fallback_enabled,
             unhealthy_threshold_s=settings.local_unhealthy_threshold_s,
             sla_s=settings.routing_sla_s,
+            fallback_provider=settings.fallback_provider,
         )
 
     @property
     def fallback_allowed(self) -> bool:
-        return self.fallback_enabled and self.runway_configured
+        return self.fallback_enabled and self.fallback_provider in self.configured
+
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,7 @@ class RoutingSignals:
     local_unhealthy_for_s: float = 0.0
     estimated_wait_s: float = 0.0
     local_failed: bool = False
-    local_breaker_open: bool = False
-    runway_breaker_open: bool = False
+    open_breakers: frozenset[str] = frozenset()  # providers refusing work (or without an adapter)
 
 
 @dataclass(frozen=True)
@@ -83,19 +83,23 @@ class RoutingDecision:
 
 
 def decide(requested: str, signals: RoutingSignals, policy: RoutingPolicy) -> RoutingDecision:
-    """The routing rules, as a pure function. Raises `PermanentError` for `runway` without a
-    key, `ProviderUnavailable` (retryable) for `runway` while its breaker is open."""
+    """The routing rules, as a pure function. Raises `PermanentError` for a managed provider
+    without a key, `ProviderUnavailable` (retryable) for one whose breaker is open."""
+    requested = canonical(requested)
     if requested == LOCAL:
         return RoutingDecision(LOCAL, RoutingReason.REQUESTED)
-    if requested == RUNWAY:
-        if not policy.runway_configured:
+    if requested in MANAGED:
+        if requested not in policy.configured:
             raise PermanentError(
-                "Runway was requested but no Runway API key is configured.", code="provider_not_configured"
+                f"Provider {requested!r} was requested but no API key for it is configured.",
+                code="provider_not_configured",
             )
-        if signals.runway_breaker_open:
-            raise ProviderUnavailable("Runway keeps failing; its circuit breaker is open. The job will be retried.")
-        return RoutingDecision(RUNWAY, RoutingReason.REQUESTED)
-    if requested != "auto":
+        if requested in signals.open_breakers:
+            raise ProviderUnavailable(
+                f"Provider {requested!r} keeps failing; its circuit breaker is open. The job will be retried."
+            )
+        return RoutingDecision(requested, RoutingReason.REQUESTED)
+    if requested != AUTO:
         raise PermanentError(f"Unknown provider {requested!r}.", code="unknown_provider")
     if not policy.fallback_allowed:
         return RoutingDecision(LOCAL, RoutingReason.DEFAULT)
@@ -106,13 +110,13 @@ def decide(requested: str, signals: RoutingSignals, policy: RoutingPolicy) -> Ro
         reason = RoutingReason.LOCAL_UNHEALTHY
     elif policy.sla_s > 0 and signals.estimated_wait_s > policy.sla_s:
         reason = RoutingReason.QUEUE_WAIT
-    elif signals.local_breaker_open:
+    elif LOCAL in signals.open_breakers:
         reason = RoutingReason.LOCAL_BREAKER_OPEN
     if reason is None:
         return RoutingDecision(LOCAL, RoutingReason.DEFAULT)
-    if signals.runway_breaker_open:
-        return RoutingDecision(LOCAL, RoutingReason.RUNWAY_BREAKER_OPEN)
-    return RoutingDecision(RUNWAY, reason)
+    if policy.fallback_provider in signals.open_breakers:
+        return RoutingDecision(LOCAL, RoutingReason.FALLBACK_BREAKER_OPEN)
+    return RoutingDecision(policy.fallback_provider, reason)
 
 
 class ProviderRouter:
@@ -121,7 +125,7 @@ class ProviderRouter:
     def __init__(
         self,
         policy: RoutingPolicy,
-        backends: Mapping[str, VideoBackend],
+        backends: Mapping[str, ProviderBackend],
         breakers: Mapping[str, CircuitBreaker],
         *,
         health: LocalHealth | None = None,
@@ -139,7 +143,7 @@ class ProviderRouter:
     def from_settings(
         cls,
         settings: Settings,
-        backends: Mapping[str, VideoBackend],
+        backends: Mapping[str, ProviderBackend],
         *,
         health: LocalHealth | None = None,
         estimate_wait_s: WaitEstimator | None = None,
@@ -154,7 +158,7 @@ class ProviderRouter:
             RoutingPolicy.from_settings(settings), backends, breakers, health=health, estimate_wait_s=estimate_wait_s
         )
 
-    def backend(self, provider: str) -> VideoBackend:
+    def backend(self, provider: str) -> ProviderBackend:
         try:
             return self._backends[provider]
         except KeyError:
@@ -165,15 +169,18 @@ class ProviderRouter:
 
     def _open(self, provider: str) -> bool:
         breaker = self._breakers.get(provider)
-        if provider == RUNWAY and provider not in self._backends:
+        if provider not in self._backends:
             return True  # no adapter: as unusable as a failing one
         return breaker is not None and not breaker.available()
+
+    def _open_breakers(self) -> frozenset[str]:
+        return frozenset(p for p in PROVIDERS if self._open(p))
 
     async def signals(self, *, local_failed: bool = False) -> RoutingSignals:
         unhealthy_s = 0.0
         if not self.policy.fallback_allowed:
             # Nowhere to fall back to: the local pool's health and queue cannot change the decision.
-            return RoutingSignals(local_failed=local_failed, runway_breaker_open=self._open(RUNWAY))
+            return RoutingSignals(local_failed=local_failed, open_breakers=self._open_breakers())
         if self._health is not None:
             await self._health.refresh()
             unhealthy_s = self._health.unhealthy_for_s()
@@ -187,8 +194,7 @@ class ProviderRouter:
             local_unhealthy_for_s=unhealthy_s,
             estimated_wait_s=wait_s,
             local_failed=local_failed,
-            local_breaker_open=self._open(LOCAL),
-            runway_breaker_open=self._open(RUNWAY),
+            open_breakers=self._open_breakers(),
         )
 
     async def route(self, requested: str, *, local_failed: bool = False) -> RoutingDecision:

@@ -9,15 +9,15 @@ keep the SDK's retries (they are idempotent). Tasks are polled no faster than
 `runway_poll_interval_s` (Runway's guidance: 5 s), backing off while PENDING or THROTTLED.
 
 Runway's output URLs expire within a day or two, so the video is downloaded at once (through
-the SSRF guard; an expired URL is refreshed by reading the task again), decoded and
-post-processed exactly like a local job's frames, and stored in our object storage.
+the SSRF guard; an expired URL is refreshed by reading the task again) and handed back as a
+file: the one post-processing stage after every backend (the PostProcessor deployment) remuxes
+or re-encodes it and stores the outputs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -27,21 +27,20 @@ import redis.asyncio as aioredis
 import runwayml
 import structlog
 
-from serving.backend import ProviderOutcome, StageCallback
+from serving.backend import StageCallback
 from serving.cost import CostEstimate, Prices, estimate, runway_duration_s
 from serving.db.jobs import JobRepository
 from serving.errors import FetchFailed, JobCanceled, PermanentError, ProviderTaskFailed, RetryableError, UnsafeUrl
 from serving.keys import Keys
 from serving.netguard import UrlPolicy, fetch_public
-from serving.providers.video import decode_video
+from serving.provider_names import RUNWAY
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
-from serving.types import JobParams, PostProcessRequest, RenderJob, RenderOutcome, Stage
-from serving.worker.postprocessing import PostProcessingService
+from serving.types import EncodedVideo, JobParams, Rendered, RenderJob, Stage
 
 log = structlog.get_logger(__name__)
 
-PROVIDER = "runway"
+PROVIDER = RUNWAY
 # Output ratios Runway accepts per model; a job gets the one closest to its aspect ratio.
 RATIOS: dict[str, tuple[str, ...]] = {
     "gen4_turbo": ("1280:720", "720:1280", "1104:832", "832:1104", "960:960", "1584:672"),
@@ -115,8 +114,7 @@ class RunwayBackend:
         self._jobs = jobs
         self._redis = redis
         self._keys = keys
-        self._storage = storage or make_storage(settings)
-        self._postprocessing = PostProcessingService(settings, self._storage)
+        self._storage = storage or make_storage(settings)  # the job's input image
         self._prices = Prices.from_settings(settings)
         self._policy = UrlPolicy.from_settings(settings)
         # Explicit base_url and key: the SDK would otherwise read RUNWAYML_* from the environment.
@@ -194,17 +192,14 @@ class RunwayBackend:
         log.info("runway_task_deleted", task_id=task_id)
 
     # VideoBackend ---------------------------------------------------------------------------------
-    async def render(self, job: RenderJob, on_stage: StageCallback) -> RenderOutcome:
-        record = await self._jobs.get(job.job_id)
-        if record is None:
-            raise PermanentError(f"job {job.job_id} is gone", code="job_missing")
+    async def generate(self, job: RenderJob, on_stage: StageCallback) -> Rendered:
         started = time.perf_counter()
-        task_id = record.provider_job_id if record.provider == PROVIDER else None
+        task_id = job.provider_task_id if job.provider == PROVIDER else None
         if task_id:
             log.info("runway_task_resumed", job_id=job.job_id, task_id=task_id)
         else:
             await self._raise_if_canceled(job.job_id, None)
-            task_id = await self.submit(job, record.prompt)
+            task_id = await self.submit(job, job.prompt)
             if not await self._jobs.record_provider_task(job.job_id, provider=PROVIDER, provider_job_id=task_id):
                 await self.cancel(task_id)  # the job left `processing` meanwhile (canceled)
                 raise JobCanceled(f"job {job.job_id} was canceled")
@@ -214,20 +209,13 @@ class RunwayBackend:
         began = time.perf_counter()
         video = await self._download(task_id, finished)
         download_s = time.perf_counter() - began
-        await on_stage(Stage.ENCODING, 0.92)
-        frames, fps = await asyncio.to_thread(decode_video, video)
-        request = _post_request(job, fps)
-        processed = await asyncio.to_thread(self._postprocessing.process, request, frames)
-        return ProviderOutcome(
-            objects=processed.objects,
+        return Rendered(
+            clip=EncodedVideo(video),
             gpu_seconds=0.0,
             device=PROVIDER,
-            timings={"provider_s": round(provider_s, 4), "download_s": round(download_s, 4), **processed.timings},
+            timings={"provider_s": round(provider_s, 4), "download_s": round(download_s, 4)},
             credits=finished.credits,
         )
-
-    async def discard(self, job: RenderJob) -> None:
-        await asyncio.to_thread(self._postprocessing.discard, PostProcessRequest.for_job(job))
 
     # Internals -------------------------------------------------------------------------------------
     async def _poll(self, job: RenderJob, task_id: str, on_stage: StageCallback) -> TaskStatus:
@@ -294,14 +282,6 @@ class RunwayBackend:
             if task_id is not None:
                 await self.cancel(task_id)
             raise JobCanceled(f"job {job_id} was canceled")
-
-
-def _post_request(job: RenderJob, fps: float) -> PostProcessRequest:
-    """Post-process at the provider's frame rate; interpolation only where it adds frames."""
-    request = PostProcessRequest.for_job(job)
-    rate = max(1, round(fps))
-    target = request.interpolate_fps if request.interpolate_fps and request.interpolate_fps > rate else None
-    return dataclasses.replace(request, fps=rate, interpolate_fps=target)
 
 
 def _error_text(exc: runwayml.APIStatusError) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import redis.asyncio as aioredis
 import structlog
 from ray import serve
@@ -24,11 +23,11 @@ from serving.observability.tracing import setup_observability
 from serving.providers.setup import build_providers
 from serving.settings import Settings
 from serving.storage import make_storage
-from serving.types import GenerationRequest, GenerationResult, PostProcessRequest, PostProcessResult
+from serving.types import Clip, GenerationRequest, GenerationResult, PostProcessRequest, PostProcessResult
 from serving.webhooks.services import build_worker_delivery
 from serving.worker.drain import DrainReport, dispatcher_drainer
 from serving.worker.generation import GenerationService
-from serving.worker.local_backend import LocalRayBackend
+from serving.worker.local_backend import LocalRayBackend, RayPostProcess
 from serving.worker.node_drain import DrainState, NodeDrainWatch
 from serving.worker.postprocessing import PostProcessingService
 from serving.worker.runner import JobRunner, queue_consumer
@@ -103,15 +102,16 @@ class Generator:
 
 @serve.deployment(max_ongoing_requests=4)
 class PostProcessor:
-    """Encodes H.264 MP4 + JPEG thumbnail with ffmpeg and uploads them."""
+    """Makes every job's outputs, whichever backend made the clip: encodes frames (or remuxes a
+    provider's MP4) with ffmpeg and uploads them."""
 
     def __init__(self, settings: Settings) -> None:
         configure_service_logging(settings)
         setup_observability(settings, "postprocessor")
         self._service = PostProcessingService(settings)
 
-    async def process(self, request: PostProcessRequest, frames: np.ndarray) -> PostProcessResult:
-        return await asyncio.to_thread(self._service.process, request, frames)
+    async def process(self, request: PostProcessRequest, clip: Clip) -> PostProcessResult:
+        return await asyncio.to_thread(self._service.process, request, clip)
 
     async def discard(self, request: PostProcessRequest) -> int:
         return await asyncio.to_thread(self._service.discard, request)
@@ -137,21 +137,18 @@ class Dispatcher:
         keys = Keys(settings.key_prefix)
         prices = Prices.from_settings(settings)
         self._delivery = build_worker_delivery(settings, sessions, make_storage(settings))
-        # Issue #6: each job is routed (local pool or Runway) and its cost recorded.
+        # Issue #6, #14: each job is routed (local pool, Runway, fal), its clip post-processed by
+        # the PostProcessor whoever made it, and its cost recorded.
         local = LocalRayBackend(
-            generator, postprocessor, app_name=settings.serve_app_name, prices=prices,
+            generator, app_name=settings.serve_app_name, prices=prices,
             job_seconds_estimate=settings.local_job_seconds_estimate, deadline_s=settings.job_deadline_s,
         )
-        self._providers = build_providers(settings, local, jobs, self._redis, keys)
+        metrics = JobMetrics(self._redis, keys, settings.gpu_hour_price_usd)
+        self._providers = build_providers(
+            settings, local, RayPostProcess(postprocessor), jobs, self._redis, keys, metrics=metrics
+        )
         runner = JobRunner(
-            jobs,
-            local,
-            self._redis,
-            keys,
-            self._delivery.sink,
-            JobMetrics(self._redis, keys, settings.gpu_hour_price_usd),
-            router=self._providers.router,
-            prices=prices,
+            jobs, self._providers.backend, self._redis, keys, self._delivery.sink, metrics, prices=prices
         )
         self._consumer = queue_consumer(settings, runner)
         # SIGTERM (via __del__ or drain()) and a drain of this replica's own Ray node (a GPU pod

@@ -17,9 +17,9 @@ from models.registry import get_spec
 from pipelines import VideoPipeline, load_pipeline
 from pipelines.batch import BatchItem, batch_cost, plan_batches
 from pipelines.options import EngineOptions, SizeBucket, parse_warmup_buckets, preset
-from pipelines.errors import GenerationCanceled
+from pipelines.errors import GenerationCanceled, NonFiniteOutput
 from pipelines.params import VideoParams
-from serving.errors import JobCanceled, RunHandedBack
+from serving.errors import JobCanceled, PermanentError, RunHandedBack
 from serving.events import SyncEventPublisher
 from serving.keys import PROGRESS_TTL_S, Keys
 from serving.metrics import BATCH_SIZE, DENOISING_STEP_SECONDS, MetricBatch
@@ -294,7 +294,8 @@ class GenerationService:
                     job_span("generate", job_ids[0], batch_size=len(job_ids), model=model):
                 outcomes = pipeline.generate_batch(items)
         except Exception as exc:  # the engine failed as a whole: every member gets the error
-            return [exc for _ in requests]
+            typed: Exception = PermanentError(str(exc)) if isinstance(exc, NonFiniteOutput) else exc
+            return [typed for _ in requests]
         finally:
             self._record_metrics(model, pipeline.device, step_times, batch_size=len(requests))
             handed_back = {r.run_id for r in requests if r.run_id in self._handed_back}
@@ -312,6 +313,9 @@ class GenerationService:
                 results.append(RunHandedBack(f"Job {request.job_id} was handed back: node {self.node_id} is draining."))
             elif isinstance(outcome.error, GenerationCanceled):
                 results.append(JobCanceled(f"Job {request.job_id} was canceled during generation."))
+            elif isinstance(outcome.error, NonFiniteOutput):
+                # The same weights and inputs would give the same NaNs: not worth another attempt.
+                results.append(PermanentError(str(outcome.error)))
             elif outcome.error is not None or outcome.frames is None:
                 results.append(outcome.error or RuntimeError("the engine returned no frames"))
             else:

@@ -1,4 +1,5 @@
-"""`VideoBackend` on our own Ray Serve deployments: Generator, then PostProcessor."""
+"""Our own Ray Serve deployments as the dispatcher sees them: the Generator pool as a
+`ProviderBackend` (frames out), the PostProcessor as the `PostProcess` stage."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from serving.backend import StageCallback
 from serving.cost import CostEstimate, Prices, estimate
 from serving.errors import RetryableError, RunHandedBack
 from serving.providers.health import PoolState, pool_state_of
+from serving.provider_names import LOCAL
 from serving.types import (
+    Clip,
     GenerationRequest,
     GenerationResult,
     JobParams,
     PostProcessRequest,
     PostProcessResult,
+    Rendered,
     RenderJob,
-    RenderOutcome,
     Stage,
 )
 
@@ -45,13 +48,27 @@ async def _call(response: Awaitable[T]) -> T:
         raise
 
 
+class RayPostProcess:
+    """The PostProcessor deployment as the one post-processing stage of every backend."""
+
+    def __init__(self, postprocessor: DeploymentHandle[Any]) -> None:
+        self._postprocessor = postprocessor
+
+    async def process(self, request: PostProcessRequest, clip: Clip) -> PostProcessResult:
+        return await _call(self._postprocessor.process.remote(request, clip))
+
+    async def discard(self, request: PostProcessRequest) -> int:
+        return await _call(self._postprocessor.discard.remote(request))
+
+
 class LocalRayBackend:
-    name = "local"
+    """The Generator pool: frames out, post-processed by the stage after it."""
+
+    name = LOCAL
 
     def __init__(
         self,
-        generator: DeploymentHandle,
-        postprocessor: DeploymentHandle,
+        generator: DeploymentHandle[Any],
         *,
         app_name: str | None = None,
         prices: Prices | None = None,
@@ -59,7 +76,6 @@ class LocalRayBackend:
         deadline_s: float = 3600.0,
     ) -> None:
         self._generator = generator
-        self._postprocessor = postprocessor
         # Issue #6: health (running Generator replicas of `app_name`) and cost estimates.
         self._app_name = app_name
         self._prices = prices or Prices(gpu_hour_usd=0.0, credit_usd=0.0, credits_per_second=0.0)
@@ -87,22 +103,12 @@ class LocalRayBackend:
     def estimate_cost(self, params: JobParams) -> CostEstimate:
         return estimate(params, self.name, self._prices, self._job_seconds)
 
-    @staticmethod
-    def _post_request(job: RenderJob) -> PostProcessRequest:
-        return PostProcessRequest.for_job(job)
-
-    async def render(self, job: RenderJob, on_stage: StageCallback) -> RenderOutcome:
+    async def generate(self, job: RenderJob, on_stage: StageCallback) -> Rendered:
         await on_stage(Stage.DENOISING, 0.0)
         generated = await self._generate(job, on_stage)
-        await on_stage(Stage.ENCODING, 0.92)
-        processed: PostProcessResult = await _call(
-            self._postprocessor.process.remote(self._post_request(job), generated.frames)
-        )
-        return RenderOutcome(
-            objects=processed.objects,
-            gpu_seconds=generated.gpu_seconds,
-            device=generated.device,
-            timings={**generated.timings, **processed.timings},
+        return Rendered(
+            clip=generated.frames, gpu_seconds=generated.gpu_seconds, device=generated.device,
+            timings=dict(generated.timings),
         )
 
     async def _generate(self, job: RenderJob, on_stage: StageCallback) -> GenerationResult:
@@ -127,7 +133,4 @@ class LocalRayBackend:
                 await asyncio.sleep(pause)  # back-off while Serve moves replicas off the node
                 pause = min(2 * pause, HANDBACK_PAUSE_MAX_S)
                 await on_stage(Stage.DENOISING, 0.0)
-
-    async def discard(self, job: RenderJob) -> None:
-        await _call(self._postprocessor.discard.remote(self._post_request(job)))
 

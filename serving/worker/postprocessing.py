@@ -1,13 +1,19 @@
 """What the PostProcessor deployment does, without Ray: shape the clip, encode, upload.
 
-The frames are first resampled (`interpolate_fps`) and looped (`loop`), then every requested
-output is rendered from that one clip, so the MP4, WebM, previews and frames ZIP all agree.
+It is the one post-processing stage for every backend: the local Generator's frames and a
+managed provider's finished video (`EncodedVideo`) alike. The frames are first resampled
+(`interpolate_fps`) and looped (`loop`), then every requested output is rendered from that one
+clip, so the MP4, WebM, previews and frames ZIP all agree. A provider's video is probed
+(ffprobe); an H.264 MP4 that needs no shaping is remuxed with faststart, not re-encoded, and is
+decoded only as far as the other outputs need (the thumbnail: one frame).
 Each object is stored under `{owner}/{jobId}/{name}` with its content type, Cache-Control and
 SHA-256; the checksum travels back in `StoredObject` to be recorded on the job.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -18,9 +24,10 @@ import structlog
 
 from serving import media
 from serving.observability.tracing import job_span
+from serving.providers.video import VideoInfo, decode_video, probe_video, remux_mp4
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
-from serving.types import PostProcessRequest, PostProcessResult, StoredObject
+from serving.types import Clip, EncodedVideo, PostProcessRequest, PostProcessResult, StoredObject
 
 # Outputs are immutable once written (a job id is never reused), so caches may keep them for a
 # year. `private` keeps shared caches out when URLs are presigned per owner; behind a CDN
@@ -77,18 +84,45 @@ class PostProcessingService:
             frames = media.ping_pong(frames)
         return frames, fps
 
-    def process(self, request: PostProcessRequest, frames: np.ndarray) -> PostProcessResult:
+    def process(self, request: PostProcessRequest, clip: Clip) -> PostProcessResult:
         with structlog.contextvars.bound_contextvars(job_id=request.job_id, owner_id=request.owner_id):
             with job_span("postprocess", request.job_id):
-                result = self._process(request, frames)
+                _check_kinds(request)
+                if isinstance(clip, EncodedVideo):
+                    result = self._process_video(request, clip)
+                else:
+                    result = self._process(request, clip)
             log.info("postprocess_done", outputs=sorted(result.objects), **result.timings)
             return result
 
+    def _process_video(self, request: PostProcessRequest, video: EncodedVideo) -> PostProcessResult:
+        """A provider's finished video: remuxed when it can be kept as it is, else decoded and
+        post-processed like our own frames, at the provider's frame rate."""
+        started = time.perf_counter()
+        info = probe_video(video.data)
+        request = _at_provider_rate(request, info)
+        if not (info.is_web_mp4 and request.interpolate_fps is None and not request.loop):
+            frames = decode_video(video.data, info)
+            result = self._process(request, frames)
+            result.timings["decode_s"] = round(time.perf_counter() - started, 4)
+            return result
+        timings: dict[str, float] = {}
+        rendered: list[tuple[str, bytes]] = [("mp4", remux_mp4(video.data))]
+        timings["remux_s"] = round(time.perf_counter() - started, 4)
+        others = [kind for kind in request.outputs if kind != "mp4"]
+        if others:
+            began = time.perf_counter()
+            # The thumbnail needs the first frame only; anything else needs them all.
+            first_only = others == ["thumbnail"]
+            frames = decode_video(video.data, info, max_frames=1 if first_only else None)
+            rendered += [(kind, OUTPUT_FORMATS[kind].render(frames, request.fps)) for kind in others]
+            timings["encode_s"] = round(time.perf_counter() - began, 4)
+        began = time.perf_counter()
+        objects = {kind: self._store(request, kind, data) for kind, data in rendered}
+        timings["upload_s"] = round(time.perf_counter() - began, 4)
+        return PostProcessResult(job_id=request.job_id, objects=objects, timings=timings)
+
     def _process(self, request: PostProcessRequest, frames: np.ndarray) -> PostProcessResult:
-        unknown = [kind for kind in request.outputs if kind not in OUTPUT_FORMATS]
-        if unknown:
-            # The ingress refuses these; a request that gets here anyway is a bug upstream.
-            raise ValueError(f"unknown output kinds {unknown}")
         timings: dict[str, float] = {}
         started = time.perf_counter()
         clip, fps = self.shape_clip(request, frames)
@@ -126,3 +160,32 @@ class PostProcessingService:
     def discard(self, request: PostProcessRequest) -> int:
         """Remove a job's outputs (a job canceled while its outputs were being written)."""
         return self._storage.delete_prefix(f"{request.owner_id}/{request.job_id}/")
+
+
+class InProcessPostProcess:
+    """The post-processing stage (`serving.backend.PostProcess`) run in this process, off the
+    event loop: for tests and single-process tools; the Dispatcher uses the PostProcessor
+    deployment (`serving.worker.local_backend.RayPostProcess`)."""
+
+    def __init__(self, service: PostProcessingService) -> None:
+        self._service = service
+
+    async def process(self, request: PostProcessRequest, clip: Clip) -> PostProcessResult:
+        return await asyncio.to_thread(self._service.process, request, clip)
+
+    async def discard(self, request: PostProcessRequest) -> int:
+        return await asyncio.to_thread(self._service.discard, request)
+
+
+def _check_kinds(request: PostProcessRequest) -> None:
+    unknown = [kind for kind in request.outputs if kind not in OUTPUT_FORMATS]
+    if unknown:
+        # The ingress refuses these; a request that gets here anyway is a bug upstream.
+        raise ValueError(f"unknown output kinds {unknown}")
+
+
+def _at_provider_rate(request: PostProcessRequest, info: VideoInfo) -> PostProcessRequest:
+    """Post-process at the provider's frame rate; interpolation only where it adds frames."""
+    rate = max(1, round(info.fps))
+    target = request.interpolate_fps if request.interpolate_fps and request.interpolate_fps > rate else None
+    return dataclasses.replace(request, fps=rate, interpolate_fps=target)

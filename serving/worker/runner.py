@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, TypedDict
 import redis.asyncio as aioredis
 import structlog
 
-from pipelines.errors import NonFiniteOutput
 from serving.backend import ProviderOutcome, StageCallback, VideoBackend
 from serving.cost import Prices
 from serving.db.jobs import JobChanges, JobRecord, JobRepository
@@ -24,7 +23,6 @@ from serving.events import JobEventSink, SinkGroup
 from serving.keys import Keys
 from serving.observability.job_metrics import JobMetrics
 from serving.observability.tracing import job_span
-from serving.providers.router import LOCAL, RUNWAY, ProviderRouter, RoutingDecision, RoutingReason
 from serving.queue import ConsumedJobInfo, QueueConsumer
 from serving.settings import Settings
 from serving.uris import key_from_uri
@@ -36,13 +34,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STAGE_PROGRESS = {Stage.LOADING: 0.0, Stage.ENCODING: 0.92, Stage.UPLOADING: 0.97, Stage.DONE: 1.0}
-
-
-class _RoutingFields(TypedDict, total=False):
-    """The routing columns `_start` sets with the processing transition (issue #6)."""
-
-    provider: str
-    routing_reason: str | None
 
 
 class _CostFields(TypedDict, total=False):
@@ -64,7 +55,6 @@ class JobRunner:
         events: JobEventSink | None = None,
         metrics: JobMetrics | None = None,
         *,
-        router: ProviderRouter | None = None,
         prices: Prices | None = None,
     ) -> None:
         self._jobs = jobs
@@ -74,8 +64,8 @@ class JobRunner:
         # Told of every status change and progress report: live events and outcome webhooks.
         self._events: JobEventSink = events if events is not None else SinkGroup()
         self._metrics = metrics  # worker metrics in Redis (serving.metrics); None in unit tests
-        # Issue #6: which provider runs each job (None: always `backend`), and what a job costs.
-        self._router = router
+        # What a job costs (issue #6). Where it runs is the backend's business (issue #14: in the
+        # Dispatcher a `RoutedBackend`, which records its routing decision on the job).
         self._prices = prices
 
     async def handle(self, queued: QueuedJob, info: ConsumedJobInfo) -> None:
@@ -99,26 +89,16 @@ class JobRunner:
         if await self._redis.exists(self._keys.cancel(record.id)):
             await self._finish_canceled(record.id)
             return
-        decision, refusal = await self._route(record)
-        record = await self._start(record, decision)
-        job = RenderJob(
-            job_id=record.id,
-            owner_id=record.owner_id,
-            image_key=key_from_uri(record.image_url),
-            params=JobParams.from_json(record.params),
-        )
+        record = await self._start(record)
+        job = _render_job(record, info)
         log.info("job_started", job_id=record.id, owner_id=record.owner_id, attempt=info.attempt)
-        if self._metrics is not None:
-            await self._metrics.routed(record.provider or "local", record.routing_reason or "default")
         started = time.perf_counter()
         try:
-            if refusal is not None:
-                raise refusal  # no provider may take the job: handled like a failed attempt
-            outcome = await self._render(record, job, decision, info)
+            outcome = await self._backend.render(job, self._stage_callback(job.job_id))
         except JobCanceled:
             await self._finish_canceled(record.id)
             return
-        except (PermanentError, NonFiniteOutput) as exc:
+        except PermanentError as exc:
             await self._fail(record.id, getattr(exc, "code", "generation_failed"), str(exc), self._failure_cost(exc))
             raise PermanentError(str(exc)) from exc
         except Exception as exc:
@@ -130,60 +110,13 @@ class JobRunner:
             raise RetryableError(str(exc)) from exc
         await self._complete(record, job, outcome, time.perf_counter() - started)
 
-    async def _route(self, record: JobRecord) -> tuple[RoutingDecision | None, Exception | None]:
-        """Where this attempt runs; an error instead when no provider may take the job."""
-        if self._router is None:
-            return None, None
-        if record.provider == RUNWAY and record.provider_job_id:
-            # A Runway task exists for this job already: resume polling it, never create another.
-            return RoutingDecision(RUNWAY, RoutingReason.RESUMED), None
-        try:
-            return await self._router.route(record.requested_provider), None
-        except (PermanentError, RetryableError) as exc:
-            return None, exc
-
-    async def _render(
-        self, record: JobRecord, job: RenderJob, decision: RoutingDecision | None, info: ConsumedJobInfo
-    ) -> RenderOutcome:
-        """Render on the chosen provider; a local failure on the last attempt may fall back."""
-        provider = decision.provider if decision is not None else LOCAL
-        try:
-            return await self._render_on(provider, job)
-        except (JobCanceled, PermanentError, NonFiniteOutput):
-            raise
-        except Exception as exc:
-            if not (info.is_last_attempt and self._router is not None and provider == LOCAL):
-                raise
-            fallback = await self._router.route(record.requested_provider, local_failed=True)
-            if fallback.provider == LOCAL:
-                raise
-            log.warning("job_falling_back", job_id=record.id, provider=fallback.provider, error=repr(exc))
-            await self._jobs.record_routing(record.id, provider=fallback.provider, routing_reason=fallback.reason.value)
-            if self._metrics is not None:
-                await self._metrics.routed(fallback.provider, fallback.reason.value)
-            return await self._render_on(fallback.provider, job)
-
-    async def _render_on(self, provider: str, job: RenderJob) -> RenderOutcome:
-        backend = self._backend if self._router is None or provider == LOCAL else self._router.backend(provider)
-        try:
-            outcome = await backend.render(job, self._stage_callback(job.job_id))
-        except (JobCanceled, PermanentError, NonFiniteOutput):
-            raise  # the job's own outcome, not a sign of a failing provider
-        except Exception:
-            if self._router is not None:
-                self._router.record(provider, ok=False)
-            raise
-        if self._router is not None:
-            self._router.record(provider, ok=True)
-        return outcome
-
     def _cost_fields(self, outcome: RenderOutcome) -> _CostFields:
-        """What the job cost: a provider's credits, or its measured GPU-seconds."""
+        """What the job cost: as the backend priced it (a provider's USD or credits), else its
+        measured GPU-seconds."""
+        if isinstance(outcome, ProviderOutcome) and outcome.cost_usd is not None:
+            return {"cost_usd": outcome.cost_usd, "provider_credits": outcome.credits}
         if self._prices is None:
             return {}
-        credits = outcome.credits if isinstance(outcome, ProviderOutcome) else None
-        if credits is not None:
-            return {"cost_usd": self._prices.credits_cost(credits), "provider_credits": credits}
         return {"cost_usd": self._prices.gpu_cost(outcome.gpu_seconds)}
 
     async def abandon(self, queued: QueuedJob, reason: str) -> None:
@@ -201,15 +134,12 @@ class JobRunner:
             return {}
         return {"cost_usd": self._prices.credits_cost(exc.credits), "provider_credits": exc.credits}
 
-    async def _start(self, record: JobRecord, decision: RoutingDecision | None = None) -> JobRecord:
+    async def _start(self, record: JobRecord) -> JobRecord:
         if record.status is JobStatus.PROCESSING:
             # The previous holder died mid-job and the queue handed the job to us: take it over.
             await self._transition(record.id, JobStatus.QUEUED, stage="requeued")
         queue_wait = (datetime.now(timezone.utc) - _aware(record.created_at)).total_seconds()
         timings = {"queue_wait_s": round(queue_wait, 4)} if record.started_at is None else {}
-        routing: _RoutingFields = {}
-        if decision is not None and decision.reason is not RoutingReason.RESUMED:  # a resume keeps its reason
-            routing = {"provider": decision.provider, "routing_reason": decision.reason.value}
         return await self._transition(
             record.id,
             JobStatus.PROCESSING,
@@ -217,7 +147,6 @@ class JobRunner:
             progress=0.0,
             attempts=record.attempts + 1,
             timings=timings,
-            **routing,
         )
 
     def _stage_callback(self, job_id: str) -> StageCallback:
@@ -287,6 +216,21 @@ class JobRunner:
         if self._metrics is not None and record.status.terminal:
             await self._metrics.finished(record)
         return record
+
+
+def _render_job(record: JobRecord, info: ConsumedJobInfo) -> RenderJob:
+    """The job as its backend sees it, from the jobs row as this attempt started it."""
+    return RenderJob(
+        job_id=record.id,
+        owner_id=record.owner_id,
+        image_key=key_from_uri(record.image_url),
+        params=JobParams.from_json(record.params),
+        prompt=record.prompt,
+        requested_provider=record.requested_provider,
+        provider=record.provider,
+        provider_task_id=record.provider_job_id,
+        last_attempt=info.is_last_attempt,
+    )
 
 
 def _aware(moment: datetime) -> datetime:

@@ -143,7 +143,7 @@ class Ingress:
     owner: str
 
 
-@pytest.fixture(params=["without_runway", "with_runway"])
+@pytest.fixture(params=["without_provider_keys", "with_provider_keys"])
 async def ingress(
     request: pytest.FixtureRequest, pg_database_url: str, redis_url: str, unique_prefix: str, tmp_path: Path
 ) -> AsyncIterator[Ingress]:
@@ -154,7 +154,8 @@ async def ingress(
         key_prefix=unique_prefix, api_keys=f"{owner}:key-dave",  # type: ignore[arg-type]
         storage_dir=tmp_path / "storage", owner_budgets_usd=f"{owner}=0.5", local_job_seconds_estimate=36.0,
         gpu_hour_price_usd=2.0,
-        runway_api_key=SecretStr("key_runway" if request.param == "with_runway" else ""),
+        runway_api_key=SecretStr("key_runway" if request.param == "with_provider_keys" else ""),
+        fal_api_key=SecretStr("key_fal" if request.param == "with_provider_keys" else ""),
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -237,5 +238,22 @@ async def test_ingress_takes_runway_only_with_a_key(ingress: Ingress) -> None:
         assert status["estimatedCostUsd"] == pytest.approx(0.25) and status["routingReason"] is None
         job = await ingress.services.jobs.get(answer.json()["jobId"])
         assert job is not None and job.requested_provider == "runway"
-    unknown = await submit(ingress, provider="pika")
+    unknown = await submit(ingress, provider="sora")
     assert unknown.status_code == 422
+
+
+@pytest.mark.parametrize("provider", ["fal", "pika"])
+async def test_ingress_takes_fal_only_with_a_key_and_pika_only_with_a_prompt(ingress: Ingress, provider: str) -> None:
+    with_prompt = await submit(ingress, provider=provider, prompt="the tide comes in")
+    if not ingress.services.settings.fal_api_key.get_secret_value():
+        assert with_prompt.status_code == 422 and with_prompt.json()["code"] == "provider_not_configured"
+        return
+    assert with_prompt.status_code == 202, with_prompt.text
+    status = (await ingress.client.get(f"/api/v1/animate-image/status/{with_prompt.json()['jobId']}")).json()
+    assert status["estimatedCostUsd"] == pytest.approx(0.20)  # Pika v2.2, 720p: $0.20 per 5 s clip
+    job = await ingress.services.jobs.get(with_prompt.json()["jobId"])
+    assert job is not None and job.requested_provider == provider
+    # Pika requires a prompt: refused before anything is stored, with a code of its own.
+    without = await submit(ingress, provider=provider)
+    assert without.status_code == 422 and without.json()["code"] == "prompt_required"
+    assert "prompt" in without.json()["detail"]

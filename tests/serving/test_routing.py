@@ -9,14 +9,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from serving.backend import ProviderOutcome, StageCallback
+from serving.backend import StageCallback
 from serving.cost import CostEstimate, Prices
 from serving.db.engine import make_engine, make_session_factory
-from serving.db.jobs import JobRepository
+from serving.db.jobs import JobRecord, JobRepository
 from serving.db.migrate import upgrade
 from serving.errors import PermanentError, ProviderUnavailable, RetryableError
 from serving.keys import Keys
@@ -34,14 +35,19 @@ from serving.providers.router import (
 )
 from serving.queue import ConsumedJobInfo
 from serving.settings import Settings
-from serving.types import JobParams, JobStatus, QueuedJob, RenderJob, RenderOutcome, StoredObject
+from serving.providers.routed import RoutedBackend
+from serving.storage import LocalStorage
+from serving.types import JobParams, JobStatus, QueuedJob, Rendered, RenderJob
+from serving.worker.postprocessing import InProcessPostProcess, PostProcessingService
 from serving.worker.runner import JobRunner
 
 PARAMS = JobParams(
     model="tiny-random", width=64, height=64, num_frames=4, fps=7, motion_bucket_id=127,
     noise_aug_strength=0.02, num_inference_steps=2, seed=1, min_guidance_scale=1.0, max_guidance_scale=3.0,
 )
-ON = RoutingPolicy(runway_configured=True, fallback_enabled=True, unhealthy_threshold_s=60, sla_s=120)
+KEYS = frozenset({"runway"})
+ON = RoutingPolicy(configured=KEYS, fallback_enabled=True, unhealthy_threshold_s=60, sla_s=120)
+TO_FAL = RoutingPolicy(frozenset({"runway", "fal"}), True, 60, 120, fallback_provider="fal")
 R = RoutingReason
 
 
@@ -67,26 +73,37 @@ class Clock:
         ("auto", RoutingSignals(local_unhealthy_for_s=59), ON, ("local", R.DEFAULT)),
         ("auto", RoutingSignals(estimated_wait_s=121), ON, ("runway", R.QUEUE_WAIT)),
         ("auto", RoutingSignals(estimated_wait_s=119), ON, ("local", R.DEFAULT)),
-        ("auto", RoutingSignals(local_breaker_open=True), ON, ("runway", R.LOCAL_BREAKER_OPEN)),
-        ("auto", RoutingSignals(local_failed=True, runway_breaker_open=True), ON, ("local", R.RUNWAY_BREAKER_OPEN)),
+        ("auto", RoutingSignals(open_breakers=frozenset({"local"})), ON, ("runway", R.LOCAL_BREAKER_OPEN)),
+        ("auto", RoutingSignals(local_failed=True, open_breakers=frozenset({"runway"})), ON,
+         ("local", R.FALLBACK_BREAKER_OPEN)),
         # The fallback needs both the operator's switch and a key.
         ("auto", RoutingSignals(local_failed=True, local_unhealthy_for_s=999),
-         RoutingPolicy(True, False, 60, 120), ("local", R.DEFAULT)),
-        ("auto", RoutingSignals(local_failed=True), RoutingPolicy(False, True, 60, 120), ("local", R.DEFAULT)),
+         RoutingPolicy(KEYS, False, 60, 120), ("local", R.DEFAULT)),
+        ("auto", RoutingSignals(local_failed=True), RoutingPolicy(frozenset(), True, 60, 120), ("local", R.DEFAULT)),
         # No SLA configured: no queue-wait rule.
-        ("auto", RoutingSignals(estimated_wait_s=10_000), RoutingPolicy(True, True, 60, 0), ("local", R.DEFAULT)),
+        ("auto", RoutingSignals(estimated_wait_s=10_000), RoutingPolicy(KEYS, True, 60, 0), ("local", R.DEFAULT)),
+        # fal (alias pika): by name, and as the configured fallback.
+        ("fal", RoutingSignals(), TO_FAL, ("fal", R.REQUESTED)),
+        ("pika", RoutingSignals(), TO_FAL, ("fal", R.REQUESTED)),
+        ("auto", RoutingSignals(local_failed=True), TO_FAL, ("fal", R.LOCAL_FAILED)),
+        ("auto", RoutingSignals(local_failed=True), RoutingPolicy(KEYS, True, 60, 0, fallback_provider="fal"),
+         ("local", R.DEFAULT)),  # fal is the fallback but has no key
     ],
 )
 def test_routing_rules(requested: str, signals: RoutingSignals, policy: RoutingPolicy, expected: tuple[str, R]) -> None:
     assert decide(requested, signals, policy) == RoutingDecision(*expected)
 
 
-def test_runway_requested_without_key_or_with_open_breaker() -> None:
+@pytest.mark.parametrize("provider", ["runway", "fal", "pika"])
+def test_managed_provider_requested_without_key_or_with_open_breaker(provider: str) -> None:
     with pytest.raises(PermanentError) as missing:
-        decide("runway", RoutingSignals(), RoutingPolicy(False, True, 60, 0))
+        decide(provider, RoutingSignals(), RoutingPolicy(frozenset(), True, 60, 0))
     assert missing.value.code == "provider_not_configured"
     with pytest.raises(ProviderUnavailable):
-        decide("runway", RoutingSignals(runway_breaker_open=True), ON)
+        decide(provider, RoutingSignals(open_breakers=frozenset({"runway", "fal"})), TO_FAL)
+    with pytest.raises(PermanentError) as unknown:
+        decide("sora", RoutingSignals(), TO_FAL)
+    assert unknown.value.code == "unknown_provider"
 
 
 # The breaker -----------------------------------------------------------------------------------
@@ -192,25 +209,41 @@ def test_pool_state_from_serve_status(status: str, replicas: dict[str, int], sta
 
 @dataclass
 class Scripted:
-    """A backend that fails `failures` times, then succeeds; counts its calls."""
+    """A provider that fails `failures` times, then makes a 4-frame clip; counts its calls."""
 
     name: str
     failures: int = 0
     credits: float | None = None
     calls: list[str] = field(default_factory=list)
 
-    async def render(self, job: RenderJob, on_stage: StageCallback) -> RenderOutcome:
+    async def generate(self, job: RenderJob, on_stage: StageCallback) -> Rendered:
         self.calls.append(job.job_id)
         if self.failures > 0:
             self.failures -= 1
             raise RuntimeError(f"{self.name} is down")
-        key = f"{job.owner_id}/{job.job_id}/video.mp4"
-        objects = {"mp4": StoredObject("video.mp4", key, f"local://{key}", "video/mp4", 10)}
+        frames = np.full((4, 64, 64, 3), 120, dtype=np.uint8)
         if self.credits is not None:
-            return ProviderOutcome(objects=objects, gpu_seconds=0.0, device=self.name, credits=self.credits)
-        return RenderOutcome(objects=objects, gpu_seconds=36.0, device="cpu")
+            return Rendered(frames, gpu_seconds=0.0, device=self.name, credits=self.credits)
+        return Rendered(frames, gpu_seconds=36.0, device="cpu")
 
-    async def discard(self, job: RenderJob) -> None:
+    async def health(self) -> bool:
+        return True
+
+    def estimate_cost(self, params: JobParams) -> CostEstimate:
+        return CostEstimate(self.name, 0.0)
+
+
+@dataclass
+class Outcomes:
+    """A sink that keeps every terminal status the runner announces, per job."""
+
+    seen: dict[str, list[str]] = field(default_factory=dict)
+
+    async def job_changed(self, record: JobRecord, *, queue_position: int | None = None) -> None:
+        if record.status.terminal:
+            self.seen.setdefault(record.id, []).append(record.status.value)
+
+    async def job_progress(self, job_id: str, **_: object) -> None:
         pass
 
 
@@ -220,6 +253,8 @@ class Env:
     redis: aioredis.Redis
     keys: Keys
     settings: Settings
+    storage: LocalStorage
+    outcomes: Outcomes = field(default_factory=Outcomes)
 
     async def new_job(self, provider: str = "auto") -> str:
         job_id = str(uuid.uuid4())
@@ -229,10 +264,14 @@ class Env:
         )
         return job_id
 
-    def runner(self, router: ProviderRouter, local: Scripted) -> JobRunner:
+    def runner(self, router: ProviderRouter, local: Scripted | None = None) -> JobRunner:
+        """The runner as the Dispatcher builds it: one routed backend over the router's
+        providers, the post-processing stage after it (in-process here)."""
         prices = Prices.from_settings(self.settings)
         metrics = JobMetrics(self.redis, self.keys, self.settings.gpu_hour_price_usd)
-        return JobRunner(self.jobs, local, self.redis, self.keys, metrics=metrics, router=router, prices=prices)
+        post = InProcessPostProcess(PostProcessingService(self.settings, self.storage))
+        routed = RoutedBackend(router, post, self.jobs, prices=prices, metrics=metrics)
+        return JobRunner(self.jobs, routed, self.redis, self.keys, self.outcomes, metrics=metrics, prices=prices)
 
 
 @pytest.fixture
@@ -246,7 +285,8 @@ async def env(tmp_path: Path, redis_url: str, unique_prefix: str) -> AsyncIterat
         breaker_failure_threshold=2, breaker_reset_s=3600, gpu_hour_price_usd=2.0,
     )
     try:
-        yield Env(JobRepository(make_session_factory(engine)), client, Keys(unique_prefix), settings)
+        storage = LocalStorage(settings.resolved_storage_dir, "http://127.0.0.1:8000", "s")
+        yield Env(JobRepository(make_session_factory(engine)), client, Keys(unique_prefix), settings, storage)
     finally:
         await client.aclose()
         await engine.dispose()
@@ -289,6 +329,10 @@ async def test_local_failure_on_last_attempt_falls_back_to_runway(env: Env) -> N
     assert job is not None and job.status is JobStatus.COMPLETED
     assert (job.provider, job.routing_reason) == ("runway", "local_failed") and runway.calls == [job_id]
     assert job.provider_credits == 50 and job.cost_usd == pytest.approx(0.5)
+    # Exactly one outcome: one terminal status announced, one set of outputs stored.
+    assert env.outcomes.seen == {job_id: ["completed"]}
+    assert sorted(p.name for p in env.storage.path(f"o1/{job_id}").iterdir()) == ["thumbnail.jpg", "video.mp4"]
+    assert await routed(env, "runway", "local_failed") >= 1
 
 
 async def test_local_job_is_not_sent_to_runway_even_when_failing(env: Env) -> None:
@@ -376,9 +420,10 @@ async def test_dispatcher_builds_runway_only_with_a_key(env: Env, redis_url: str
             return CostEstimate("local", 0.0)
 
     base = env.settings.model_copy(update={"redis_url": redis_url, "queue_name": unique_prefix})
-    with_key = build_providers(base, Local("local"), env.jobs, env.redis, env.keys)
+    post = InProcessPostProcess(PostProcessingService(env.settings, env.storage))
+    with_key = build_providers(base, Local("local"), post, env.jobs, env.redis, env.keys)
     without = build_providers(
-        base.model_copy(update={"runway_api_key": SecretStr("")}), Local("local"), env.jobs, env.redis, env.keys
+        base.model_copy(update={"runway_api_key": SecretStr("")}), Local("local"), post, env.jobs, env.redis, env.keys
     )
     try:
         assert with_key.runway is not None and with_key.router.backend("runway") is with_key.runway

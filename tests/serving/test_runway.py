@@ -4,7 +4,10 @@ contract (tests/fake_runway.py), driven by the real job runner on a real job sto
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
+import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -17,21 +20,23 @@ from PIL import Image
 from pydantic import SecretStr
 
 from serving.backend import StageCallback
-from serving.cost import Prices
+from serving.cost import CostEstimate, Prices
 from serving.db.engine import make_engine, make_session_factory
-from serving.db.jobs import JobRepository
+from serving.db.jobs import JobRecord, JobRepository
 from serving.db.migrate import upgrade
 from serving.errors import PermanentError, RetryableError
 from serving.keys import Keys
+from serving.providers.routed import RoutedBackend
 from serving.providers.router import ProviderRouter
 from serving.providers.runway import RunwayBackend, failure_error_code, pick_ratio
 from serving.queue import ConsumedJobInfo
 from serving.settings import Settings
 from serving.storage import LocalStorage, S3Storage
-from serving.types import JobParams, JobStatus, QueuedJob, RenderJob, RenderOutcome
+from serving.types import JobParams, JobStatus, QueuedJob, Rendered, RenderJob
+from serving.worker.postprocessing import InProcessPostProcess, PostProcessingService
 from serving.worker.runner import JobRunner
 from tests.fake_runway import API_VERSION, FakeRunway, running_fake_runway
-from tests.media_checks import ffprobe_video
+from tests.media_checks import ffprobe_video, mp4_top_level_boxes, video_stream_bytes
 from tests.serving.test_storage import s3_storage  # noqa: F401  (fixture)
 
 PARAMS = JobParams(
@@ -45,11 +50,25 @@ class LocalMustNotRun:
 
     name = "local"
 
-    async def render(self, job: RenderJob, on_stage: StageCallback) -> RenderOutcome:
+    async def generate(self, job: RenderJob, on_stage: StageCallback) -> Rendered:
         raise AssertionError("the local backend was called for a Runway job")
 
-    async def discard(self, job: RenderJob) -> None:
-        pass
+
+class LocalDown(LocalMustNotRun):
+    """A local pool whose every run fails (no GPU comes up)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def generate(self, job: RenderJob, on_stage: StageCallback) -> Rendered:
+        self.calls += 1
+        raise RuntimeError("no GPU")
+
+    async def health(self) -> bool:
+        return True
+
+    def estimate_cost(self, params: JobParams) -> CostEstimate:
+        return CostEstimate("local", 0.0)
 
 
 @dataclass
@@ -59,27 +78,40 @@ class Env:
     jobs: JobRepository
     redis: aioredis.Redis
     keys: Keys
-    storage: LocalStorage
+    storage: LocalStorage | S3Storage  # the input image and the outputs
     backend: RunwayBackend
+    local: LocalMustNotRun = dataclasses.field(default_factory=LocalMustNotRun)
+    outcomes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (job id, terminal status)
 
-    async def new_job(self, *, provider: str = "runway", prompt: str | None = "a calm sea") -> str:
+    async def new_job(
+        self, *, provider: str = "runway", prompt: str | None = "a calm sea", params: JobParams = PARAMS
+    ) -> str:
         job_id = str(uuid.uuid4())
         buf = io.BytesIO()
         Image.new("RGB", (128, 64), (20, 90, 200)).save(buf, format="PNG")
         key = f"o1/{job_id}/input.png"
         self.storage.put(key, buf.getvalue(), "image/png")
         await self.jobs.create(
-            job_id=job_id, owner_id="o1", image_url=self.storage.uri(key), params=PARAMS.to_json(),
+            job_id=job_id, owner_id="o1", image_url=self.storage.uri(key), params=params.to_json(),
             model="tiny-random", priority="normal", prompt=prompt, requested_provider=provider,
         )
         return job_id
 
     def runner(self) -> JobRunner:
-        router = ProviderRouter.from_settings(self.settings, {"local": LocalMustNotRun(), "runway": self.backend})
-        return JobRunner(
-            self.jobs, LocalMustNotRun(), self.redis, self.keys,
-            router=router, prices=Prices.from_settings(self.settings),
-        )
+        """The runner as the Dispatcher builds it: one routed backend, post-processing after it."""
+        router = ProviderRouter.from_settings(self.settings, {"local": self.local, "runway": self.backend})
+        prices = Prices.from_settings(self.settings)
+        post = InProcessPostProcess(PostProcessingService(self.settings, self.storage))
+        routed = RoutedBackend(router, post, self.jobs, prices=prices)
+        return JobRunner(self.jobs, routed, self.redis, self.keys, self, prices=prices)
+
+    # The runner's event sink: the terminal statuses it announces.
+    async def job_changed(self, record: JobRecord, *, queue_position: int | None = None) -> None:
+        if record.status.terminal:
+            self.outcomes.append((record.id, record.status.value))
+
+    async def job_progress(self, job_id: str, **_: object) -> None:
+        pass
 
 
 @pytest.fixture
@@ -110,6 +142,18 @@ async def env(tmp_path: Path, redis_url: str, unique_prefix: str, fake: FakeRunw
         await engine.dispose()
 
 
+def moov_at_end(mp4: bytes) -> bytes:
+    """The same stream remuxed without faststart: `moov` after `mdat`."""
+    import imageio_ffmpeg
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.mp4", Path(tmp) / "out.mp4"
+        src.write_bytes(mp4)
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(src), "-c", "copy",
+                        str(out)], check=True, timeout=60)
+        return out.read_bytes()
+
+
 def info(attempt: int = 1, max_attempts: int = 3) -> ConsumedJobInfo:
     return ConsumedJobInfo(attempt=attempt, max_attempts=max_attempts)
 
@@ -120,7 +164,8 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> 
             await asyncio.sleep(0.01)
 
 
-async def test_runway_job_completes_with_outputs_copied_encoded_and_costed(env: Env) -> None:
+async def test_runway_job_completes_with_outputs_copied_remuxed_and_costed(env: Env) -> None:
+    env.fake.video = moov_at_end(env.fake.video)  # as a plain encoder writes it: not streamable
     job_id = await env.new_job()
     await env.runner().handle(QueuedJob(job_id, "o1"), info())
     job = await env.jobs.get(job_id)
@@ -134,16 +179,53 @@ async def test_runway_job_completes_with_outputs_copied_encoded_and_costed(env: 
     assert body["promptImage"].startswith("data:image/png;base64,")
     # Polled through PENDING, THROTTLED, RUNNING to SUCCEEDED, then the output fetched once.
     assert env.fake.count("GET", "/v1/tasks/") == 4 and env.fake.downloads == [200]
-    # Copied into our storage and re-encoded like a local job's frames.
+    # Copied into our storage, remuxed (faststart), not re-encoded: the very same H.264 stream.
     mp4 = job.outputs["mp4"]
     assert mp4["key"] == f"o1/{job_id}/video.mp4" and job.result_url == mp4["uri"]
-    probe = ffprobe_video(env.storage.path(mp4["key"]))
+    stored = env.storage.path(mp4["key"])
+    probe = ffprobe_video(stored)
     assert probe["codec_name"] == "h264" and probe["pix_fmt"] == "yuv420p"
     assert (probe["width"], probe["height"]) == (64, 64) and probe["nb_frames"] == 12
+    assert video_stream_bytes(stored.read_bytes()) == video_stream_bytes(env.fake.video)
+    assert mp4_top_level_boxes(env.fake.video).index("moov") > mp4_top_level_boxes(env.fake.video).index("mdat")
+    boxes = mp4_top_level_boxes(stored.read_bytes())
+    assert boxes.index("moov") < boxes.index("mdat")  # faststart: playable while it downloads
     assert env.storage.exists(f"o1/{job_id}/thumbnail.jpg")
     # Cost: Runway's credits at the configured credit price (5 s x 5 credits x $0.01).
     assert job.provider_credits == 25 and job.cost_usd == pytest.approx(0.25)
-    assert {"provider_s", "download_s", "encode_s"} <= set(job.timings)
+    assert {"provider_s", "download_s", "remux_s", "upload_s"} <= set(job.timings)
+    assert "encode_mp4_s" not in job.timings
+
+
+async def test_a_runway_video_that_needs_shaping_is_decoded_and_re_encoded(env: Env) -> None:
+    """A loop (or interpolation) changes the frames: then, and only then, the video is decoded
+    and post-processed like our own frames, at the provider's frame rate."""
+    job_id = await env.new_job(params=dataclasses.replace(PARAMS, loop=True))
+    await env.runner().handle(QueuedJob(job_id, "o1"), info())
+    job = await env.jobs.get(job_id)
+    assert job is not None and job.status is JobStatus.COMPLETED, job
+    probe = ffprobe_video(env.storage.path(job.outputs["mp4"]["key"]))
+    assert probe["nb_frames"] == 22 and probe["r_frame_rate"] == 24  # 12 frames ping-ponged, at Runway's rate
+    assert {"decode_s", "encode_mp4_s"} <= set(job.timings)
+    assert video_stream_bytes(env.storage.get(job.outputs["mp4"]["key"])) != video_stream_bytes(env.fake.video)
+
+
+async def test_local_failure_on_the_last_attempt_falls_back_to_runway_with_one_outcome(env: Env) -> None:
+    env.local = LocalDown()
+    job_id = await env.new_job(provider="auto")
+    with pytest.raises(RetryableError):
+        await env.runner().handle(QueuedJob(job_id, "o1"), info(1, max_attempts=2))
+    assert env.fake.tasks == {} and env.outcomes == []  # the queue retries locally first
+    await env.runner().handle(QueuedJob(job_id, "o1"), info(2, max_attempts=2))
+    job = await env.jobs.get(job_id)
+    assert job is not None and job.status is JobStatus.COMPLETED, job
+    (task_id,) = env.fake.tasks
+    assert (job.provider, job.routing_reason, job.provider_job_id) == ("runway", "local_failed", task_id)
+    assert env.local.calls == 2 and job.provider_credits == 25 and job.cost_usd == pytest.approx(0.25)
+    # Exactly one outcome: one terminal status, one set of outputs.
+    assert env.outcomes == [(job_id, "completed")]
+    assert sorted(p.name for p in env.storage.path(f"o1/{job_id}").iterdir()) == [
+        "input.png", "thumbnail.jpg", "video.mp4"]
 
 
 async def test_failed_create_is_sent_once_and_the_job_retried_by_our_queue(env: Env) -> None:
@@ -270,6 +352,7 @@ async def test_outputs_are_copied_into_s3(env: Env, s3_storage: S3Storage, tmp_p
     key = f"o1/{job_id}/input.png"
     s3_storage.put(key, env.storage.get(key), "image/png")  # the input lives where the outputs go
     env.backend = RunwayBackend(env.settings, env.jobs, env.redis, env.keys, storage=s3_storage)
+    env.storage = s3_storage
     try:
         await env.runner().handle(QueuedJob(job_id, "o1"), info())
     finally:

@@ -8,13 +8,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
+import torch
 from PIL import Image
 
-from serving.errors import JobCanceled, RunHandedBack
+from pipelines.errors import NonFiniteOutput
+
+from serving.errors import JobCanceled, PermanentError, RunHandedBack, SvdServeError
 from serving.keys import Keys
 from serving.settings import Settings
 from serving.storage import LocalStorage
@@ -158,3 +162,25 @@ def test_node_drain_hands_back_the_runs_that_would_miss_the_deadline(
         assert outcome.frames.shape == (5, 64, 128, 3)
     progress = redis.Redis.from_url(settings.redis_url or "").hgetall(Keys(settings.key_prefix).progress("jd"))
     assert progress[b"node"] == b"node-a"  # where the run ran, for operators
+
+
+def test_non_finite_output_reaches_the_dispatcher_as_a_permanent_error(
+    settings: Settings, image_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine refuses a NaN video with `NonFiniteOutput`; the Generator hands it on as our
+    `PermanentError` (the same weights and inputs would fail again), so nothing above the
+    Generator needs to know the engine's error types."""
+    service = GenerationService(settings)
+    pipeline = service._pipeline(PARAMS.model)
+    unet = pipeline.diffusers_pipeline.unet
+    real = unet.forward
+
+    def nan_forward(sample: Any, *args: Any, **kwargs: Any) -> Any:
+        out = real(sample, *args, **kwargs)
+        return (torch.full_like(out[0], float("nan")),)
+
+    monkeypatch.setattr(unet, "forward", nan_forward)
+    with pytest.raises(PermanentError, match="non-finite|NaN|finite") as raised:
+        service.generate(GenerationRequest("nan-1", image_key, PARAMS))
+    assert type(raised.value) is PermanentError and raised.value.code == "generation_failed"
+    assert isinstance(raised.value, SvdServeError) and not isinstance(raised.value, NonFiniteOutput)
