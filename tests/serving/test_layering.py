@@ -27,7 +27,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
     {"logs", "backend", "webhooks"},
     {"providers"},
     {"ingress", "worker"},
-    {"client", "local_stack"},
+    {"cli_client", "local_stack"},
     {"cli"},
 ))
 RANK = {unit: rank for rank, layer in enumerate(LAYERS) for unit in layer}
