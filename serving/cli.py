@@ -22,11 +22,30 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from serving.db.migrate import upgrade
+    """Upgrade the database, or with --check only say whether this code can run on it (exit 3 if
+    not), waiting up to --wait seconds for another process (the api's init step) to migrate."""
+    import asyncio
+    import time
+
+    from serving.db.errors import DatabaseNotMigrated
+    from serving.db.migrate import check_migrated, upgrade
 
     settings = _settings(args)
-    upgrade(settings.resolved_database_url)
-    print(f"database migrated: {settings.resolved_database_url.split('@')[-1]}")
+    where = settings.resolved_database_url.split("@")[-1]
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            if args.check:
+                asyncio.run(check_migrated(settings.resolved_database_url))
+            else:
+                upgrade(settings.resolved_database_url)
+            break
+        except DatabaseNotMigrated as exc:
+            if time.monotonic() >= deadline:
+                print(f"error: {exc.message}", file=sys.stderr)
+                return 3
+        time.sleep(2)
+    print(f"database {'compatible with this code' if args.check else 'migrated'}: {where}")
     return 0
 
 
@@ -239,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="deploy the Ray Serve app and run until stopped").set_defaults(func=cmd_worker)
     exporter = with_bind(sub.add_parser("exporter", help="serve the Redis-held metrics once (port 9100)"))
     exporter.set_defaults(func=cmd_exporter)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    migrate = sub.add_parser("migrate", help="apply database migrations (docs/migrations.md)")
+    migrate.add_argument("--check", action="store_true",
+                         help="change nothing; exit 3 unless this code can run on the database")
+    migrate.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                         help="keep trying this long before giving up (an init container waiting for the migration)")
+    migrate.set_defaults(func=cmd_migrate)
     drain = sub.add_parser("drain-node", help="drain this host's Ray node before it goes (a GPU pod's preStop)")
     drain.add_argument("--deadline-s", type=float, required=True,
                        help="seconds until the node is killed (the pod's grace period less a margin)")
