@@ -229,9 +229,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     from huggingface_hub import snapshot_download
 
+    from models.download import download_patterns
+
     target = settings.resolved_models_dir / spec.name
-    snapshot_download(spec.hub_id, local_dir=target)
-    print(f"downloaded {spec.hub_id} to {target}")
+    allow, ignore = download_patterns(None if args.variant == "full" else args.variant)
+    snapshot_download(spec.hub_id, revision=args.revision, local_dir=target, allow_patterns=allow,
+                      ignore_patterns=ignore)
+    print(f"downloaded {spec.hub_id}@{args.revision} ({args.variant}) to {target}")
     return 0
 
 
@@ -296,8 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list or download models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list")
-    download = models_sub.add_parser("download")
-    download.add_argument("name")
+    download = models_sub.add_parser("download", help="fetch a model's weights into the models directory")
+    download.add_argument("name", help="a name from `svd-serve models list`")
+    download.add_argument("--revision", default="main",
+                          help="hub branch, tag or commit to fetch; pin a commit hash in production (default main)")
+    download.add_argument("--variant", choices=("fp16", "full"), default="fp16",
+                          help="fp16 weights (GPU; half the download) or full precision (default fp16)")
     models.set_defaults(func=cmd_models)
 
     # Every argument, --help included, belongs to the benchmark's own parser: with a prefix other

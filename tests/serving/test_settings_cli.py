@@ -63,3 +63,26 @@ def test_cli_models_list_and_migrate(tmp_path: Path) -> None:
 def test_cli_without_a_command_explains_usage(tmp_path: Path) -> None:
     result = run_cli(cwd=tmp_path)
     assert result.returncode == 2 and "usage: svd-serve" in result.stderr
+
+
+def test_models_download_pins_the_revision_and_fetches_only_what_loading_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The hub is out of reach here: record the call instead (its patterns are checked against a
+    # real saved layout in tests/models/test_download.py).
+    import huggingface_hub
+
+    from models.download import download_patterns
+    from serving.cli import main
+
+    calls: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append((repo_id, kw)))
+    monkeypatch.setenv("SVD_SERVE_MODELS_DIR", str(tmp_path))
+    assert main(["models", "download", "svd-xt", "--revision", "0123abcd", "--variant", "full"]) == 0
+    allow, ignore = download_patterns(None)
+    assert calls == [("stabilityai/stable-video-diffusion-img2vid-xt", {
+        "revision": "0123abcd", "local_dir": tmp_path / "svd-xt", "allow_patterns": allow, "ignore_patterns": ignore,
+    })]
+    assert "stable-video-diffusion-img2vid-xt@0123abcd (full)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["models", "download", "svd-xt", "--variant", "fp8"])
