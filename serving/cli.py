@@ -239,6 +239,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """`config env-example`: every setting with its default, from `Settings` (no settings loaded)."""
+    from serving.env_example import render
+
+    sys.stdout.write(render())
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """`keys create|list|revoke` on the job store's `api_keys` table."""
     import asyncio
@@ -314,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False, prefix_chars="+")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    config = sub.add_parser("config", help="configuration helpers")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("env-example", help="print .env.example: every setting, its default and what it does")
+    config.set_defaults(func=cmd_config)
 
     keys = sub.add_parser("keys", help="create, list or revoke API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
