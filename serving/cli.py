@@ -45,7 +45,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(f"error: {exc.message}", file=sys.stderr)
                 return 3
         time.sleep(2)
-    print(f"database {'compatible with this code' if args.check else 'migrated'}: {where}")
+    from serving.db.migrate import current_revision, head_revision
+
+    state = "compatible with this code" if args.check else "migrated"
+    print(f"database {state}: {where} at revision {current_revision(settings.resolved_database_url)} "
+          f"(this code's head: {head_revision()})")
     return 0
 
 

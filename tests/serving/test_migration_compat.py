@@ -74,12 +74,18 @@ class NextRelease:
         self.directory = directory
 
     def migrate(self, database_url: str, revision: str) -> None:
+        self._run(command.upgrade, database_url, revision)
+
+    def roll_back(self, database_url: str, revision: str) -> None:
+        self._run(command.downgrade, database_url, revision)
+
+    def _run(self, alembic_command: Callable[[Config, str], None], database_url: str, revision: str) -> None:
         config = Config()
         config.set_main_option("script_location", str(self.directory))
         config.attributes["database_url"] = database_url
         # env.py runs its own event loop: keep it off the test's (as serving.db.migrate does).
         with ThreadPoolExecutor(1) as pool:
-            pool.submit(command.upgrade, config, revision).result()
+            pool.submit(alembic_command, config, revision).result()
 
 
 @pytest.fixture
@@ -131,6 +137,10 @@ async def test_this_code_accepts_a_compatible_newer_schema_and_refuses_a_contrac
     with pytest.raises(DatabaseNotMigrated):
         upgrade(db_url)
     assert current_revision(db_url) == "0009"
+
+    next_release.roll_back(db_url, "0008")  # the next release is rolled back: old code fits again
+    assert await _recorded(db_url) == "0006"
+    await check_migrated(db_url)
 
 
 def test_the_newest_declared_constraint_wins(next_release: NextRelease) -> None:
