@@ -72,12 +72,15 @@ def test_models_download_pins_the_revision_and_fetches_only_what_loading_reads(
     # real saved layout in tests/models/test_download.py).
     import huggingface_hub
 
+    import serving.cli
     from models.download import download_patterns
     from serving.cli import main
 
     calls: list[tuple[str, dict[str, object]]] = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append((repo_id, kw)))
     monkeypatch.setenv("SVD_SERVE_MODELS_DIR", str(tmp_path))
+    # In-process: keep the CLI from pointing the process's logging at pytest's captured stdout.
+    monkeypatch.setattr(serving.cli, "_settings", lambda args: load_settings())
     assert main(["models", "download", "svd-xt", "--revision", "0123abcd", "--variant", "full"]) == 0
     allow, ignore = download_patterns(None)
     assert calls == [("stabilityai/stable-video-diffusion-img2vid-xt", {
