@@ -237,9 +237,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     target = settings.resolved_models_dir / spec.name
     allow, ignore = download_patterns(None if args.variant == "full" else args.variant)
-    snapshot_download(spec.hub_id, revision=args.revision, local_dir=target, allow_patterns=allow,
-                      ignore_patterns=ignore)
-    print(f"downloaded {spec.hub_id}@{args.revision} ({args.variant}) to {target}")
+    revision = args.revision or settings.model_revision
+    snapshot_download(spec.hub_id, revision=revision, local_dir=target, allow_patterns=allow, ignore_patterns=ignore)
+    print(f"downloaded {spec.hub_id}@{revision} ({args.variant}) to {target}")
     return 0
 
 
@@ -314,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub.add_parser("list")
     download = models_sub.add_parser("download", help="fetch a model's weights into the models directory")
     download.add_argument("name", help="a name from `svd-serve models list`")
-    download.add_argument("--revision", default="main",
-                          help="hub branch, tag or commit to fetch; pin a commit hash in production (default main)")
+    download.add_argument("--revision",
+                          help="hub branch, tag or commit to fetch (default: SVD_SERVE_MODEL_REVISION, main)")
     download.add_argument("--variant", choices=("fp16", "full"), default="fp16",
                           help="fp16 weights (GPU; half the download) or full precision (default fp16)")
     models.set_defaults(func=cmd_models)

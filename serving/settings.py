@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     # Models / GPU execution
     default_model: str = "tiny-random"
     models_dir: Path | None = None  # local weights; default data_dir/models
+    model_revision: str = "main"  # what `svd-serve models download` fetches; pin a commit hash in production
     offline: bool = False
     device: str = "auto"  # auto|cuda|cpu
     ray_address: str | None = None  # None: start a local Ray

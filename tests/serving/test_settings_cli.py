@@ -87,5 +87,8 @@ def test_models_download_pins_the_revision_and_fetches_only_what_loading_reads(
         "revision": "0123abcd", "local_dir": tmp_path / "svd-xt", "allow_patterns": allow, "ignore_patterns": ignore,
     })]
     assert "stable-video-diffusion-img2vid-xt@0123abcd (full)" in capsys.readouterr().out
+    monkeypatch.setenv("SVD_SERVE_MODEL_REVISION", "feedbeef")  # the pin a cluster's ConfigMap sets
+    assert main(["models", "download", "svd-xt"]) == 0
+    assert calls[-1][1]["revision"] == "feedbeef" and calls[-1][1]["allow_patterns"] == download_patterns("fp16")[0]
     with pytest.raises(SystemExit):
         main(["models", "download", "svd-xt", "--variant", "fp8"])
