@@ -236,12 +236,20 @@ async def test_production_starts_on_database_keys_alone_and_never_without_a_key(
     with pytest.raises(RuntimeError, match="No API key exists: set SVD_SERVE_API_KEYS or create one"):
         async with running_app(settings):
             pass
-    engine = make_engine(keyless_database_url)
-    try:
-        _, admin_key = await ApiKeyRepository(make_session_factory(engine)).create("ops", [Scope.ADMIN])
-    finally:
-        await engine.dispose()
+    # The bootstrap Job (k8s/jobs/bootstrap-admin-key.yaml): the CLI in a production environment
+    # without any static key, against the database.
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SVD_SERVE_")}
+    env.update(SVD_SERVE_ENVIRONMENT="production", SVD_SERVE_URL_SIGNING_SECRET="s3cret-value",
+               SVD_SERVE_DATABASE_URL=keyless_database_url, SVD_SERVE_LOG_FORMAT="json")
+    created = cli("keys", "create", "--owner", "ops", "--scopes", "admin", "--name", "bootstrap", cwd=tmp_path, env=env)
+    assert created.returncode == 0, created.stderr
+    admin_key = created.stdout.splitlines()[0].strip()  # the key comes first, alone on its line
+    assert key_prefix(admin_key) is not None, created.stdout
     async with running_app(settings) as app, app.client(admin_key) as client:
+        listed = await app.services.security.api_keys.list_keys("ops")
+        assert [(k.name, k.scopes) for k in listed] == [("bootstrap", frozenset({Scope.ADMIN}))]
         accepted = await submit(client)
         assert accepted.status_code == 202, accepted.text
         status = await client.get(f"/api/v1/animate-image/status/{accepted.json()['jobId']}")
