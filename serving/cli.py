@@ -22,11 +22,34 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from serving.db.migrate import upgrade
+    """Upgrade the database, or with --check only say whether this code can run on it (exit 3 if
+    not), waiting up to --wait seconds for another process (the api's init step) to migrate."""
+    import asyncio
+    import time
+
+    from serving.db.errors import DatabaseNotMigrated
+    from serving.db.migrate import check_migrated, upgrade
 
     settings = _settings(args)
-    upgrade(settings.resolved_database_url)
-    print(f"database migrated: {settings.resolved_database_url.split('@')[-1]}")
+    where = settings.resolved_database_url.split("@")[-1]
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            if args.check:
+                asyncio.run(check_migrated(settings.resolved_database_url))
+            else:
+                upgrade(settings.resolved_database_url)
+            break
+        except DatabaseNotMigrated as exc:
+            if time.monotonic() >= deadline:
+                print(f"error: {exc.message}", file=sys.stderr)
+                return 3
+        time.sleep(2)
+    from serving.db.migrate import current_revision, head_revision
+
+    state = "compatible with this code" if args.check else "migrated"
+    print(f"database {state}: {where} at revision {current_revision(settings.resolved_database_url)} "
+          f"(this code's head: {head_revision()})")
     return 0
 
 
@@ -186,9 +209,21 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     from huggingface_hub import snapshot_download
 
+    from models.download import download_patterns
+
     target = settings.resolved_models_dir / spec.name
-    snapshot_download(spec.hub_id, local_dir=target)
-    print(f"downloaded {spec.hub_id} to {target}")
+    allow, ignore = download_patterns(None if args.variant == "full" else args.variant)
+    revision = args.revision or settings.model_revision
+    snapshot_download(spec.hub_id, revision=revision, local_dir=target, allow_patterns=allow, ignore_patterns=ignore)
+    print(f"downloaded {spec.hub_id}@{revision} ({args.variant}) to {target}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """`config env-example`: every setting with its default, from `Settings` (no settings loaded)."""
+    from serving.env_example import render
+
+    sys.stdout.write(render())
     return 0
 
 
@@ -225,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="deploy the Ray Serve app and run until stopped").set_defaults(func=cmd_worker)
     exporter = with_bind(sub.add_parser("exporter", help="serve the Redis-held metrics once (port 9100)"))
     exporter.set_defaults(func=cmd_exporter)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    migrate = sub.add_parser("migrate", help="apply database migrations (docs/migrations.md)")
+    migrate.add_argument("--check", action="store_true",
+                         help="change nothing; exit 3 unless this code can run on the database")
+    migrate.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                         help="keep trying this long before giving up (an init container waiting for the migration)")
+    migrate.set_defaults(func=cmd_migrate)
     drain = sub.add_parser("drain-node", help="drain this host's Ray node before it goes (a GPU pod's preStop)")
     drain.add_argument("--deadline-s", type=float, required=True,
                        help="seconds until the node is killed (the pod's grace period less a margin)")
@@ -247,8 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list or download models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list")
-    download = models_sub.add_parser("download")
-    download.add_argument("name", help="a model name from `svd-serve models list`")
+    download = models_sub.add_parser("download", help="fetch a model's weights into the models directory")
+    download.add_argument("name", help="a name from `svd-serve models list`")
+    download.add_argument("--revision",
+                          help="hub branch, tag or commit to fetch (default: SVD_SERVE_MODEL_REVISION, main)")
+    download.add_argument("--variant", choices=("fp16", "full"), default="fp16",
+                          help="fp16 weights (GPU; half the download) or full precision (default fp16)")
     models.set_defaults(func=cmd_models)
 
     # Every argument, --help included, belongs to the benchmark's own parser: with a prefix other
@@ -257,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False, prefix_chars="+")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    config = sub.add_parser("config", help="configuration helpers")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("env-example", help="print .env.example: every setting, its default and what it does")
+    config.set_defaults(func=cmd_config)
 
     keys = sub.add_parser("keys", help="create, list or revoke API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

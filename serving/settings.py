@@ -33,8 +33,9 @@ class Settings(BaseSettings):
     port: int = 8000
     public_base_url: str | None = None  # how clients reach the ingress; default http://host:port
     max_upload_bytes: int = 20 * 1024 * 1024
-    # Static bootstrap API keys: "owner:key,owner2:key2" (scopes submit+read). Keys made with
-    # `svd-serve keys create` live in the database; without any key every request answers 401.
+    # Static API keys: "owner:key,owner2:key2" (scopes submit+read). Keys made with
+    # `svd-serve keys create` (any scope, admin included) live in the database. In production the
+    # ingress starts only when one of the two holds a key (docs/production.md).
     api_keys: SecretStr = SecretStr("")
     url_signing_secret: SecretStr = SecretStr(PLACEHOLDER)
     # Security (issue #7)
@@ -115,6 +116,7 @@ class Settings(BaseSettings):
     # Models / GPU execution
     default_model: str = "tiny-random"
     models_dir: Path | None = None  # local weights; default data_dir/models
+    model_revision: str = "main"  # what `svd-serve models download` fetches; pin a commit hash in production
     offline: bool = False
     device: str = "auto"  # auto|cuda|cpu
     ray_address: str | None = None  # None: start a local Ray
@@ -219,8 +221,6 @@ class Settings(BaseSettings):
         if self.environment == "production":
             if self.url_signing_secret.get_secret_value() in ("", PLACEHOLDER):
                 raise ValueError("SVD_SERVE_URL_SIGNING_SECRET must be set in production")
-            if not self.api_keys.get_secret_value():
-                raise ValueError("SVD_SERVE_API_KEYS must be set in production")
             if self.auth_disabled:
                 raise ValueError("SVD_SERVE_AUTH_DISABLED is refused in production: every request needs a key")
             for name in type(self).model_fields:

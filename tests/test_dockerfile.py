@@ -78,3 +78,17 @@ def test_torch_pin_matches_the_makefile_and_the_cuda_runtime() -> None:
     cuda = re.search(r"^ARG CUDA_VERSION=(\d+)\.(\d+)", text, flags=re.MULTILINE)
     build = re.search(r"^ARG TORCH_CUDA=cu(\d+)$", text, flags=re.MULTILINE)
     assert cuda and build and build.group(1) == cuda.group(1) + cuda.group(2)  # 12.8.x <-> cu128
+
+
+def test_every_torch_install_line_names_the_images_cuda_build() -> None:
+    """README and docs install the same CUDA build of the same torch as the image and the Makefile."""
+    text = DOCKERFILE.read_text()
+    build = re.search(r"^ARG TORCH_CUDA=(cu\d+)$", text, flags=re.MULTILINE)
+    version = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, flags=re.MULTILINE)
+    assert build and version
+    lines = [line for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+             for line in doc.read_text().splitlines() if "download.pytorch.org/whl/cu" in line]
+    assert lines, "the README shows how to install the CUDA build of torch"
+    for line in lines:
+        assert f"download.pytorch.org/whl/{build.group(1)}" in line, line
+        assert f"torch=={version.group(1)}" in line, line

@@ -1,4 +1,5 @@
-"""Schema migrations: `svd-serve migrate` upgrades, the service refuses to start on an old schema.
+"""Schema migrations: `svd-serve migrate` upgrades; a process refuses a schema older than its
+code, and a newer one unless that schema declares itself compatible (serving.db.compat).
 
 Alembic's config is built here in code (no alembic.ini to find), and the URL is handed to
 `serving/migrations/env.py` programmatically.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from serving.db.compat import known_revision, recorded_oldest
 from serving.db.engine import async_database_url
 from serving.db.errors import DatabaseNotMigrated
 
@@ -38,7 +41,7 @@ def alembic_config(database_url: str | None = None) -> Config:
 
 def head_revision() -> str:
     """The revision this code needs."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = _script().get_current_head()
     if head is None:  # only possible with an empty versions/ directory
         raise RuntimeError(f"no migrations found in {MIGRATIONS_DIR}")
     return head
@@ -47,10 +50,16 @@ def head_revision() -> str:
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Bring the database to `revision` (default: head); creates a SQLite file's directory.
 
+    A database a newer release migrated is left alone when it works with this code (an old pod
+    restarting mid-release runs its migrate step too), refused with `DatabaseNotMigrated` if not.
     Blocking. Safe to call from inside a running event loop too (it then runs in a thread).
     """
     database_url = async_database_url(database_url)
     _ensure_sqlite_dir(database_url)
+    current = current_revision(database_url)
+    if current is not None and not known_revision(_script(), current):
+        _outside_event_loop(lambda: asyncio.run(check_migrated(database_url)))
+        return
     _outside_event_loop(lambda: command.upgrade(alembic_config(database_url), revision))
 
 
@@ -60,22 +69,37 @@ def current_revision(database_url: str) -> str | None:
 
 
 async def check_migrated(engine_or_url: AsyncEngine | str) -> None:
-    """Raise `DatabaseNotMigrated` unless the database is at this code's head revision."""
+    """Raise `DatabaseNotMigrated` unless this code can run on the database: it is at this code's
+    head, or at a newer revision whose schema declares this code's head still compatible."""
     if isinstance(engine_or_url, AsyncEngine):
-        current = await _current_revision_of_engine(engine_or_url)
+        current, oldest = await _revision_and_oldest_of_engine(engine_or_url)
     else:
-        current = await _current_revision_of_url(engine_or_url)
+        current, oldest = await _revision_and_oldest_of_url(engine_or_url)
     head = head_revision()
     if current == head:
         return
-    where = "empty (no migrations applied)" if current is None else f"at revision {current}"
+    script = _script()
+    if current is None or known_revision(script, current):
+        where = "empty (no migrations applied)" if current is None else f"at revision {current}"
+        raise DatabaseNotMigrated(
+            f"The database is {where} while this code needs revision {head}; "
+            "run `svd-serve migrate` to upgrade it."
+        )
+    # A newer release migrated it: fine while the schema still serves code as old as ours.
+    if oldest is not None and known_revision(script, oldest):
+        return
     raise DatabaseNotMigrated(
-        f"The database is {where} while this code needs revision {head}; "
-        "run `svd-serve migrate` to upgrade it."
+        f"The database is at revision {current}, which a newer release applied and which needs code at "
+        f"revision {oldest or current} or later; this code is at revision {head}: deploy the newer release."
     )
 
 
 # Helpers -------------------------------------------------------------------------------------
+
+
+@cache
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
 
 
 def _revision_of(connection: Connection) -> str | None:
@@ -84,20 +108,29 @@ def _revision_of(connection: Connection) -> str | None:
     return ",".join(sorted(heads)) if heads else None
 
 
-async def _current_revision_of_engine(engine: AsyncEngine) -> str | None:
+def _revision_and_oldest(connection: Connection) -> tuple[str | None, str | None]:
+    current = _revision_of(connection)
+    return current, (recorded_oldest(connection) if current is not None else None)
+
+
+async def _revision_and_oldest_of_engine(engine: AsyncEngine) -> tuple[str | None, str | None]:
     async with engine.connect() as connection:
-        return await connection.run_sync(_revision_of)
+        return await connection.run_sync(_revision_and_oldest)
+
+
+async def _revision_and_oldest_of_url(database_url: str) -> tuple[str | None, str | None]:
+    database_url = async_database_url(database_url)
+    if _sqlite_file_missing(database_url):
+        return None, None  # do not create an empty file just to look at it
+    engine = create_async_engine(database_url)
+    try:
+        return await _revision_and_oldest_of_engine(engine)
+    finally:
+        await engine.dispose()
 
 
 async def _current_revision_of_url(database_url: str) -> str | None:
-    database_url = async_database_url(database_url)
-    if _sqlite_file_missing(database_url):
-        return None  # do not create an empty file just to look at it
-    engine = create_async_engine(database_url)
-    try:
-        return await _current_revision_of_engine(engine)
-    finally:
-        await engine.dispose()
+    return (await _revision_and_oldest_of_url(database_url))[0]
 
 
 def _sqlite_path(database_url: str) -> Path | None:

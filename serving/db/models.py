@@ -213,3 +213,16 @@ class WebhookEndpoint(Base):
 def new_job_id() -> str:
     """A fresh job id in the canonical form the store uses."""
     return str(uuid.uuid4())
+
+
+class SchemaCompatibility(Base):
+    """One row: the oldest code revision that still works with the schema as migrated now.
+
+    `svd-serve migrate` writes it from the head migration's `oldest_compatible_revision`, so a
+    process of an older release (which does not know the newer migrations) can tell whether it
+    may keep running on this database (docs/migrations.md)."""
+
+    __tablename__ = "schema_compatibility"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # always 1
+    oldest_code_revision: Mapped[str] = mapped_column(String(32))

@@ -28,7 +28,7 @@ from serving.observability.tracing import setup_observability
 from serving.queue import JobQueue
 from serving.redis_clients import command_client
 from serving.security.middleware import install_security_middleware
-from serving.security.setup import build_security
+from serving.security.setup import build_security, require_a_key_source
 from serving.settings import Settings
 from serving.storage import S3Storage, make_storage
 from serving.providers.callbacks import Closer, register_provider_webhooks
@@ -75,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
                 delivery=delivery,
                 security=build_security(settings, sessions, redis, keys),
             )
+            await require_a_key_source(settings, app.state.services.security.api_keys)
             log.info("ingress_started", base_url=settings.resolved_public_base_url)
             yield
         finally:

@@ -65,6 +65,13 @@ class ErrorInfo(ApiModel):
     message: str
 
 
+class JobWarning(ApiModel):
+    """Something about the request the service did not honour, though the job runs."""
+
+    code: str
+    message: str
+
+
 class JobStatusResponse(ApiModel):
     job_id: str
     status: JobStatus
@@ -100,6 +107,7 @@ class JobStatusResponse(ApiModel):
     started_at: datetime | None
     completed_at: datetime | None
     metadata: dict[str, Any]
+    warnings: list[JobWarning] = []  # e.g. `prompt_unused`: local SVD animates the image alone
 
 
 class DeadLetterEntry(ApiModel):

@@ -9,7 +9,8 @@ from serving.cost import job_estimate
 from serving.backpressure import estimated_start
 from serving.db.jobs import JobRecord
 from serving.ingress.deps import Services
-from serving.ingress.schemas import ErrorInfo, JobStatusResponse
+from serving.ingress.schemas import ErrorInfo, JobStatusResponse, JobWarning
+from serving.providers.router import LOCAL
 from serving.types import JobStatus
 from serving.uris import key_from_uri
 
@@ -32,6 +33,17 @@ async def _output_urls(services: Services, record: JobRecord) -> dict[str, str]:
         uris = {kind: uri for kind, uri in (("mp4", record.result_url), ("thumbnail", record.thumbnail_url)) if uri}
     urls = await asyncio.gather(*(_signed_url(services, uri) for uri in uris.values()))
     return {kind: url for kind, url in zip(uris, urls, strict=True) if url}
+
+
+def _warnings(record: JobRecord) -> list[JobWarning]:
+    """What the job will not honour. Stable Video Diffusion is conditioned on the image alone, so a
+    prompt is unused on the local provider (known once the job is routed there or asked for it)."""
+    provider = record.provider if record.routing_reason else record.requested_provider
+    if record.prompt and provider == LOCAL:
+        return [JobWarning(code="prompt_unused", message=(
+            "The prompt was not used: local Stable Video Diffusion animates the image alone. "
+            "Providers that take a text prompt are listed in docs/providers.md."))]
+    return []
 
 
 async def job_view(services: Services, record: JobRecord, *, live: bool = True) -> JobStatusResponse:
@@ -89,4 +101,5 @@ async def job_view(services: Services, record: JobRecord, *, live: bool = True) 
         started_at=record.started_at,
         completed_at=record.completed_at,
         metadata=record.metadata,
+        warnings=_warnings(record),
     )

@@ -12,6 +12,7 @@ from alembic import context
 from sqlalchemy import Connection, make_url, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from serving.db.compat import lock_for_migration, record_compatibility
 from serving.db.models import Base
 
 config = context.config
@@ -40,7 +41,9 @@ def _configure(connection: Connection | None = None, **kwargs: object) -> None:
 def _run_with(connection: Connection) -> None:
     _configure(connection)
     with context.begin_transaction():
+        lock_for_migration(connection)  # init containers of several pods may migrate at once
         context.run_migrations()
+        record_compatibility(connection, context.script)
 
 
 async def _run_async(url: str) -> None:

@@ -17,6 +17,10 @@ revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}
 branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
 depends_on: str | Sequence[str] | None = ${repr(depends_on)}
+# docs/migrations.md: None for an expand step every older release survives (a new table, a
+# nullable column, an index); for a contract step (a drop, a rename, a new constraint) the oldest
+# code revision that still works after it, usually this one. Decide; never leave the default.
+oldest_compatible_revision: str | None = ${repr(up_revision)}
 
 
 def upgrade() -> None:

@@ -107,6 +107,12 @@ class ApiKeyRepository:
         record = _record(row)
         return record if record.active else None
 
+    async def any_active(self) -> bool:
+        """Whether at least one key is not revoked."""
+        async with self._sessions() as session:
+            found = await session.execute(select(api_keys.c.id).where(api_keys.c.revoked_at.is_(None)).limit(1))
+            return found.first() is not None
+
     async def list_keys(self, owner_id: str | None = None, *, include_revoked: bool = False) -> list[ApiKeyRecord]:
         stmt = select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
         if owner_id is not None:

@@ -28,6 +28,16 @@ class SecurityServices:
     url_policy: UrlPolicy
 
 
+async def require_a_key_source(settings: Settings, api_keys: ApiKeyRepository) -> None:
+    """Production serves only when some key can call it: static keys or an active database key."""
+    if settings.environment != "production" or settings.api_key_owners() or await api_keys.any_active():
+        return
+    raise RuntimeError(
+        "No API key exists: set SVD_SERVE_API_KEYS or create one in the database with "
+        "`svd-serve keys create --owner <owner> --scopes admin` (docs/production.md)."
+    )
+
+
 def build_security(
     settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: aioredis.Redis, keys: Keys
 ) -> SecurityServices:

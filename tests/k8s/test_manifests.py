@@ -359,3 +359,45 @@ def test_alerts_and_dashboard_use_exported_metrics() -> None:
     alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"]}
     assert {"SvdQueueAgeOverSla", "SvdJobErrorRate", "SvdWebhookFailures", "SvdNoReadyGpuReplica",
             "SvdOwnerMonthlyBudget"} <= alerts
+
+
+def _svd_serve_commands(pod_spec: dict[str, Any]) -> dict[str, list[str]]:
+    """container name -> its `svd-serve ...` arguments, init containers included."""
+    containers = pod_spec.get("initContainers", []) + pod_spec["containers"]
+    return {c["name"]: c["args"][1:] for c in containers if c.get("args", [""])[0] == "svd-serve"}
+
+
+def test_migration_runs_before_the_ingress_and_the_dispatcher_waits_for_it() -> None:
+    from serving.cli import build_parser
+
+    for overlay in BUILDABLE:
+        docs = kustomize(overlay)
+        if not any(d["kind"] == "Deployment" and d["metadata"]["name"] == "svd-serve-api" for d in docs):
+            continue
+        api = by_kind(docs, "Deployment", "svd-serve-api")["spec"]["template"]["spec"]
+        assert [c["name"] for c in api["initContainers"]] == ["migrate"], label(overlay)
+        assert _svd_serve_commands(api)["migrate"] == ["migrate"]
+        assert api["initContainers"][0]["image"] == api["containers"][0]["image"]  # the same release
+        head = by_kind(docs, "RayService", "svd-serve")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+        check = _svd_serve_commands(head["spec"])["schema"]
+        args = build_parser().parse_args(check)  # the CLI accepts what the manifest runs
+        assert args.check and args.wait >= 600, label(overlay)
+
+
+def test_bootstrap_job_creates_an_admin_key_in_the_database_and_is_never_applied_with_a_release() -> None:
+    from serving.cli import build_parser
+
+    path = K8S / "jobs" / "bootstrap-admin-key.yaml"
+    (job,) = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    pod = job["spec"]["template"]
+    commands = _svd_serve_commands(pod["spec"])
+    assert commands["migrate"] == ["migrate"]
+    create = build_parser().parse_args(commands["keys"])
+    assert (create.keys_command, create.scopes) == ("create", "admin")
+    # It reaches PostgreSQL through the backing-services policy and reads the same settings.
+    assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "svd-serve"
+    for container in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        assert {"configMapRef": {"name": "svd-serve-config"}} in container["envFrom"]
+        assert {"secretRef": {"name": "svd-serve"}} in container["envFrom"]
+    for directory in KUSTOMIZATIONS:
+        assert "bootstrap-admin-key" not in (directory / "kustomization.yaml").read_text()

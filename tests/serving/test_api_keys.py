@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from serving.ingress.deps import Services
 from serving.security.api_keys import ApiKeyRepository, hash_key, key_prefix
 from serving.security.scopes import Scope
 from serving.settings import Settings
+from tests.serving.db_fixtures import fresh_pg_database, sqlite_url
 
 
 def png_bytes(size: tuple[int, int] = (96, 64)) -> bytes:
@@ -211,6 +213,47 @@ async def test_auth_disabled_only_when_asked_and_never_in_production(
     with pytest.raises(ValidationError, match="AUTH_DISABLED"):
         Settings(environment="production", url_signing_secret="s3cret-value", api_keys="a:b",  # type: ignore[arg-type]
                  auth_disabled=True)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def keyless_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated database that holds no API key yet."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgresql":
+            url = stack.enter_context(fresh_pg_database())
+        else:
+            url = sqlite_url(tmp_path / "keyless.db")
+        upgrade(url)
+        yield url
+
+
+async def test_production_starts_on_database_keys_alone_and_never_without_a_key(
+    keyless_database_url: str, redis_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """The first admin key comes from `svd-serve keys create`, no static key needed."""
+    settings = app_settings(keyless_database_url, redis_url, unique_prefix, tmp_path, environment="production",
+                            url_signing_secret="s3cret-value")
+    with pytest.raises(RuntimeError, match="No API key exists: set SVD_SERVE_API_KEYS or create one"):
+        async with running_app(settings):
+            pass
+    # The bootstrap Job (k8s/jobs/bootstrap-admin-key.yaml): the CLI in a production environment
+    # without any static key, against the database.
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SVD_SERVE_")}
+    env.update(SVD_SERVE_ENVIRONMENT="production", SVD_SERVE_URL_SIGNING_SECRET="s3cret-value",
+               SVD_SERVE_DATABASE_URL=keyless_database_url, SVD_SERVE_LOG_FORMAT="json")
+    created = cli("keys", "create", "--owner", "ops", "--scopes", "admin", "--name", "bootstrap", cwd=tmp_path, env=env)
+    assert created.returncode == 0, created.stderr
+    admin_key = created.stdout.splitlines()[0].strip()  # the key comes first, alone on its line
+    assert key_prefix(admin_key) is not None, created.stdout
+    async with running_app(settings) as app, app.client(admin_key) as client:
+        listed = await app.services.security.api_keys.list_keys("ops")
+        assert [(k.name, k.scopes) for k in listed] == [("bootstrap", frozenset({Scope.ADMIN}))]
+        accepted = await submit(client)
+        assert accepted.status_code == 202, accepted.text
+        status = await client.get(f"/api/v1/animate-image/status/{accepted.json()['jobId']}")
+        assert status.status_code == 200
 
 
 def test_production_refuses_any_placeholder_secret() -> None:

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from serving.ingress.app import create_app
 from serving.ingress.deps import Services
 from serving.queue import QueueConsumer
 from serving.settings import Settings
+from serving.types import JobStatus
 
 pytestmark = pytest.mark.asyncio
 
@@ -347,3 +349,24 @@ async def test_readyz_reports_queue_consumers_without_depending_on_them(ingress:
     finally:
         await dispatcher.close()
     await until(0)
+
+
+async def test_a_prompt_on_a_local_job_is_reported_unused(ingress: Ingress) -> None:
+    async def status_of(data: dict[str, str]) -> dict[str, Any]:
+        accepted = await submit_png(ingress, data)
+        assert accepted.status_code == 202, accepted.text
+        return (await ingress.client.get(f"/api/v1/animate-image/status/{accepted.json()['jobId']}")).json()
+
+    local = await status_of({"prompt": "a cat surfing", "provider": "local"})
+    assert local["prompt"] == "a cat surfing"
+    assert [w["code"] for w in local["warnings"]] == ["prompt_unused"]
+    assert local["warnings"][0]["message"].startswith("The prompt was not used: local Stable Video Diffusion")
+    assert (await status_of({"provider": "local"}))["warnings"] == []
+
+    # `auto` may still go to a provider that reads the prompt: no warning until it is routed locally.
+    auto = await status_of({"prompt": "a cat surfing"})
+    assert auto["warnings"] == []
+    await ingress.services.jobs.transition(auto["jobId"], JobStatus.PROCESSING, provider="local",
+                                           routing_reason="default")  # what the dispatcher records
+    routed = (await ingress.client.get(f"/api/v1/animate-image/status/{auto['jobId']}")).json()
+    assert [w["code"] for w in routed["warnings"]] == ["prompt_unused"]

@@ -22,7 +22,7 @@ SERVING = ROOT / "serving"
 LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
     {"errors", "types", "provider_names", "keys", "uris"},
     {"settings", "strict_json", "redis_clients", "media", "metrics"},
-    {"netguard", "storage", "db", "queue"},
+    {"netguard", "storage", "db", "queue", "env_example"},
     {"events", "security", "cost", "autoscaling", "backpressure", "result_cache", "observability"},
     {"logs", "backend", "webhooks"},
     {"providers"},

@@ -17,8 +17,8 @@ from serving.settings import Settings, load_settings
 def test_production_refuses_placeholder_secrets() -> None:
     with pytest.raises(ValidationError, match="URL_SIGNING_SECRET"):
         Settings(environment="production", api_keys="a:b")  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match="API_KEYS"):
-        Settings(environment="production", url_signing_secret="s3cret-value")  # type: ignore[arg-type]
+    # Keys may live in the database only: the ingress checks at start-up (test_api_keys.py).
+    Settings(environment="production", url_signing_secret="s3cret-value")  # type: ignore[arg-type]
     ok = Settings(environment="production", url_signing_secret="s3cret-value", api_keys="a:b")  # type: ignore[arg-type]
     assert ok.api_key_owners() == {"b": "a"}
 
@@ -63,3 +63,32 @@ def test_cli_models_list_and_migrate(tmp_path: Path) -> None:
 def test_cli_without_a_command_explains_usage(tmp_path: Path) -> None:
     result = run_cli(cwd=tmp_path)
     assert result.returncode == 2 and "usage: svd-serve" in result.stderr
+
+
+def test_models_download_pins_the_revision_and_fetches_only_what_loading_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The hub is out of reach here: record the call instead (its patterns are checked against a
+    # real saved layout in tests/models/test_download.py).
+    import huggingface_hub
+
+    import serving.cli
+    from models.download import download_patterns
+    from serving.cli import main
+
+    calls: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append((repo_id, kw)))
+    monkeypatch.setenv("SVD_SERVE_MODELS_DIR", str(tmp_path))
+    # In-process: keep the CLI from pointing the process's logging at pytest's captured stdout.
+    monkeypatch.setattr(serving.cli, "_settings", lambda args: load_settings())
+    assert main(["models", "download", "svd-xt", "--revision", "0123abcd", "--variant", "full"]) == 0
+    allow, ignore = download_patterns(None)
+    assert calls == [("stabilityai/stable-video-diffusion-img2vid-xt", {
+        "revision": "0123abcd", "local_dir": tmp_path / "svd-xt", "allow_patterns": allow, "ignore_patterns": ignore,
+    })]
+    assert "stable-video-diffusion-img2vid-xt@0123abcd (full)" in capsys.readouterr().out
+    monkeypatch.setenv("SVD_SERVE_MODEL_REVISION", "feedbeef")  # the pin a cluster's ConfigMap sets
+    assert main(["models", "download", "svd-xt"]) == 0
+    assert calls[-1][1]["revision"] == "feedbeef" and calls[-1][1]["allow_patterns"] == download_patterns("fp16")[0]
+    with pytest.raises(SystemExit):
+        main(["models", "download", "svd-xt", "--variant", "fp8"])
