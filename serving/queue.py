@@ -114,6 +114,14 @@ class QueueStats:
         return self.finished_in_window / self.window_s if self.window_s > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """The jobs waiting to start in one priority: how many, and how long the oldest has waited."""
+
+    count: int
+    oldest_age_s: float
+
+
 class JobQueue:
     """Producer-side view of the queue: enqueue, dequeue a waiting job, position, counts."""
 
@@ -219,6 +227,38 @@ class JobQueue:
             "completed": raw["completed"],
             "failed": raw["failed"],
         }
+
+    async def waiting(self, priorities: Collection[int]) -> dict[int | None, Waiting]:
+        """Waiting jobs per priority, and (key None) in the unprioritized `wait` list (not added
+        by us, or put back by an old BullMQ), which is served first."""
+        keys = self._queue.keys
+        async with self._queue.client.pipeline(transaction=False) as pipe:
+            for priority in priorities:
+                # Prioritized scores are priority * 2^32 + a counter: FIFO within a priority,
+                # so a score range's first member is its oldest.
+                low, high = priority * 2**32, (priority + 1) * 2**32 - 1
+                pipe.zcount(keys["prioritized"], low, high)
+                pipe.zrangebyscore(keys["prioritized"], low, high, start=0, num=1)
+            pipe.llen(keys["wait"])
+            pipe.lindex(keys["wait"], -1)  # the right end is served first: the oldest
+            replies = await pipe.execute()
+        lines: list[tuple[int | None, int, str | None]] = [
+            (priority, int(replies[2 * i]), replies[2 * i + 1][0] if replies[2 * i + 1] else None)
+            for i, priority in enumerate(priorities)
+        ]
+        lines.append((None, int(replies[-2]), replies[-1]))
+        now_ms = time.time() * 1000
+        async with self._queue.client.pipeline(transaction=False) as pipe:
+            for _, _, head in lines:
+                if head is not None:
+                    pipe.hget(self._queue.toKey(head), "timestamp")
+            stamps = iter(await pipe.execute())
+        result: dict[int | None, Waiting] = {}
+        for priority, count, head in lines:
+            stamp = next(stamps) if head is not None else None
+            age = max(0.0, (now_ms - float(stamp)) / 1000) if stamp is not None else 0.0
+            result[priority] = Waiting(count, age)
+        return result
 
     async def rank_in_priority(self, job_id: str, priority: int) -> int | None:
         """Waiting jobs of `priority` served before this one, or None if it is not prioritized

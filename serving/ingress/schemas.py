@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from serving.types import JobStatus, Priority
-
-OutputKind = Literal["mp4", "webm", "gif", "webp", "thumbnail", "frames"]
-OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
+from serving.types import OUTPUT_KINDS, JobStatus, Priority
 OutputName = Annotated[str, Field(json_schema_extra={"enum": list(OUTPUT_KINDS)})]
 
 

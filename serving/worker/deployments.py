@@ -21,6 +21,7 @@ from serving.logs import configure_service_logging
 from serving.observability.job_metrics import JobMetrics
 from serving.observability.replicas import ReplicaReporter
 from serving.observability.tracing import setup_observability
+from serving.progress import StreamLimits
 from serving.providers.setup import build_providers
 from serving.settings import Settings
 from serving.storage import make_storage
@@ -152,6 +153,7 @@ class Dispatcher:
             JobMetrics(self._redis, keys, settings.gpu_hour_price_usd),
             router=self._providers.router,
             prices=prices,
+            stream_limits=StreamLimits.from_settings(settings),
         )
         self._consumer = queue_consumer(settings, runner)
         # SIGTERM (via __del__ or drain()) and a drain of this replica's own Ray node (a GPU pod
