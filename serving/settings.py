@@ -177,6 +177,8 @@ class Settings(BaseSettings):
     budget_monthly_usd: float = 0.0
     owner_budgets_usd: str = ""
     budget_soft_fraction: float = 0.8  # past this share of the budget: alert metric and log
+    # Optional: a signed `budget.threshold` webhook when an owner reaches the soft limit or the budget.
+    budget_webhook_url: str = ""
 
     # Observability (issue #8). Logs: JSON lines, or console text; `auto` = console only in
     # development on a terminal, JSON everywhere else (files, Ray replicas, containers).

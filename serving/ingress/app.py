@@ -19,6 +19,7 @@ from serving.ingress.routes_admin import router as admin_router
 from serving.ingress.routes_events import router as events_router
 from serving.ingress.routes_jobs import router as jobs_router
 from serving.ingress.routes_system import router as system_router
+from serving.ingress.routes_usage import router as usage_router
 from serving.ingress.routes_webhooks import provider_router as provider_webhooks_router
 from serving.ingress.routes_webhooks import router as webhooks_router
 from serving.keys import Keys
@@ -30,6 +31,7 @@ from serving.security.middleware import install_security_middleware
 from serving.security.setup import build_security
 from serving.settings import Settings
 from serving.storage import S3Storage, make_storage
+from serving.webhooks.budget_alerts import BudgetWebhook, build_budget_webhook
 from serving.webhooks.inbound import ProviderRegistry
 from serving.webhooks.services import DeliveryServices, build_delivery_services
 
@@ -45,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
         redis = command_client(settings.redis_url)
         queue = JobQueue(settings.redis_url, settings.queue_name)
         delivery: DeliveryServices | None = None
+        budget_webhook: BudgetWebhook | None = None
         try:
             await check_migrated(engine)  # refuse to serve on an unmigrated database
             setup_observability(settings, "api")  # tracing / Sentry, when configured
@@ -57,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
             sessions = make_session_factory(engine)
             keys = Keys(settings.key_prefix)
             delivery = build_delivery_services(settings, sessions, storage, app.state.providers)
+            budget_webhook = build_budget_webhook(settings, redis, keys)
             app.state.services = Services(
                 settings=settings,
                 engine=engine,
@@ -67,7 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
                 redis=redis,
                 keys=keys,
                 api_key_owners=owners,
-                budgets=Budgets(settings, CostLedger(sessions)),
+                budgets=Budgets(settings, CostLedger(sessions), budget_webhook),
                 delivery=delivery,
                 security=build_security(settings, sessions, redis, keys),
             )
@@ -76,6 +80,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             if delivery is not None:
                 await delivery.aclose()
+            if budget_webhook is not None:
+                await budget_webhook.aclose()
             await queue.close()
             await redis.aclose()
             await engine.dispose()
@@ -98,4 +104,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks_router)
     app.include_router(provider_webhooks_router)
     app.include_router(admin_router)
+    app.include_router(usage_router)
     return app

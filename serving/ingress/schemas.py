@@ -140,3 +140,14 @@ class ModelInfo(ApiModel):
 class ModelListResponse(ApiModel):
     models: list[ModelInfo]
     default: str
+
+
+class UsageResponse(ApiModel):
+    """The caller's spending this UTC month: failed jobs that used a GPU or a paid provider count
+    too. `forecastUsd` is where the month ends at its rate so far; budget 0 means none."""
+
+    month: str
+    spent_usd: float
+    forecast_usd: float
+    budget_usd: float
+    soft_limit_usd: float
