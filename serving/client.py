@@ -34,13 +34,15 @@ class ApiClient:
             response = client.post("/api/v1/animate-image", files={"image": (image.name, fh)}, data=fields or {})
         if response.status_code not in (200, 202):
             raise RuntimeError(f"submission refused ({response.status_code}): {response.text}")
-        return response.json()  # type: ignore[no-any-return]
+        body: dict[str, Any] = response.json()
+        return body
 
     def status(self, job_id: str) -> dict[str, Any]:
         with self._client() as client:
             response = client.get(f"/api/v1/animate-image/status/{job_id}")
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        body: dict[str, Any] = response.json()
+        return body
 
     def wait(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 0.5, echo: bool = False) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 import structlog
 
 from serving import strict_json
@@ -136,7 +137,22 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def stream_fields(event_type: EventType, data: dict[str, Any]) -> dict[str, str]:
+# A stream's entries as redis-py returns them over RESP2 (our clients' protocol): (id, fields) pairs.
+_Entries = list[tuple[Any, dict[Any, Any]]]
+
+
+def _list(reply: object) -> list[Any]:
+    if not isinstance(reply, list):
+        raise TypeError(f"expected a RESP2 list reply from Redis, got {type(reply).__name__}")
+    return reply
+
+
+def _entries(reply: object) -> _Entries:
+    """XRANGE's reply, or one stream's part of XREAD's: a list of (id, fields)."""
+    return [] if reply is None else _list(reply)
+
+
+def stream_fields(event_type: EventType, data: dict[str, Any]) -> dict[FieldT, EncodableT]:
     return {"type": event_type.value, "data": strict_json.dumps(data)}  # served as is: strict JSON
 
 
@@ -208,7 +224,7 @@ class EventStore:
             )
             return result.decode() if isinstance(result, bytes) else str(result)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)
             pipe.expire(key, self._ttl_s)
             entry_id, _ = await pipe.execute()
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -227,7 +243,7 @@ class EventStore:
 
     async def history(self, job_id: str, after: str = START) -> list[JobEvent]:
         """Every kept event after `after`, oldest first."""
-        entries = await self._redis.xrange(self._keys.events(job_id), min=f"({after}", max="+")
+        entries = _entries(await self._redis.xrange(self._keys.events(job_id), min=f"({after}", max="+"))
         return [_decode(job_id, entry_id, fields) for entry_id, fields in entries]
 
     async def follow(
@@ -262,7 +278,7 @@ class EventStore:
                 check = True
                 yield HEARTBEAT
                 continue
-            for entry_id, fields in reply[0][1]:
+            for entry_id, fields in _entries(_list(reply)[0][1]):
                 event = _decode(job_id, entry_id, fields)
                 last = event.id
                 yield event

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ class ConsumedJobInfo:
         return self.attempt >= self.max_attempts
 
 
-JobHandler = Callable[[QueuedJob, ConsumedJobInfo], Awaitable[None]]
+JobHandler = Callable[[QueuedJob, ConsumedJobInfo], Coroutine[Any, Any, None]]
 # Told of a handed-back job after its handler stopped and before the queue offers it again.
 BeforeRelease = Callable[[str], Awaitable[None]]
 # Told of a job BullMQ failed without running our handler: it stalled (its worker died) more
@@ -194,7 +194,7 @@ class JobQueue:
                     (result,) = await pipe.execute()
                 except WatchError:
                     continue
-                return result == 1
+                return bool(result == 1)
         log.warning("queue_remove_contended", job_id=job_id, rounds=_REMOVE_ROUNDS)
         return False
 
@@ -249,15 +249,15 @@ class JobQueue:
         lines.append((None, int(replies[-2]), replies[-1]))
         now_ms = time.time() * 1000
         async with self._queue.client.pipeline(transaction=False) as pipe:
-            for _, _, head in lines:
+            for _priority, _count, head in lines:
                 if head is not None:
                     pipe.hget(self._queue.toKey(head), "timestamp")
             stamps = iter(await pipe.execute())
         result: dict[int | None, Waiting] = {}
-        for priority, count, head in lines:
+        for line_priority, count, head in lines:
             stamp = next(stamps) if head is not None else None
             age = max(0.0, (now_ms - float(stamp)) / 1000) if stamp is not None else 0.0
-            result[priority] = Waiting(count, age)
+            result[line_priority] = Waiting(count, age)
         return result
 
     async def rank_in_priority(self, job_id: str, priority: int) -> int | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     default_model: str = "tiny-random"
     models_dir: Path | None = None  # local weights; default data_dir/models
     offline: bool = False
-    device: str = "auto"  # auto|cuda|cpu
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     ray_address: str | None = None  # None: start a local Ray
     ray_num_cpus: int | None = None
     generator_num_gpus: float = 0.0  # set 1 on GPU nodes
@@ -247,11 +247,11 @@ class Settings(BaseSettings):
         return owners
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, `.env` and `SVD_SERVE_SECRETS_DIR`."""
     import os
 
     secrets_dir = os.environ.get("SVD_SERVE_SECRETS_DIR")
     if secrets_dir:
-        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
-    return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_secrets_dir=secrets_dir, **overrides)
+    return Settings(**overrides)

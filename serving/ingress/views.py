@@ -41,7 +41,8 @@ async def job_view(services: Services, record: JobRecord, *, live: bool = True) 
         overlay = await services.redis.hgetall(services.keys.progress(record.id))
         if overlay:
             progress = max(progress, float(overlay.get(b"progress", progress)))
-            stage = overlay.get(b"stage", b"").decode() or stage
+            raw_stage = overlay.get(b"stage", b"")
+            stage = (raw_stage.decode() if isinstance(raw_stage, bytes) else raw_stage) or stage
     estimated_start_at = None
     if live and record.status is JobStatus.QUEUED:
         position = await services.queue.position(record.id)

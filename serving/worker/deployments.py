@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -122,7 +123,7 @@ class PostProcessor:
 class Dispatcher:
     """Consumes the Redis queue and drives each job through the Generator and the PostProcessor."""
 
-    async def __init__(self, settings: Settings, generator: DeploymentHandle, postprocessor: DeploymentHandle) -> None:
+    async def __init__(self, settings: Settings, generator: DeploymentHandle[Any], postprocessor: DeploymentHandle[Any]) -> None:
         configure_service_logging(settings)
         setup_observability(settings, "dispatcher")
         if not settings.redis_url:

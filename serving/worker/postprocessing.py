@@ -20,7 +20,7 @@ from serving import media
 from serving.observability.tracing import job_span
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
-from serving.types import OutputKind, PostProcessRequest, PostProcessResult, StoredObject
+from serving.types import PostProcessRequest, PostProcessResult, StoredObject
 
 # Outputs are immutable once written (a job id is never reused), so caches may keep them for a
 # year. `private` keeps shared caches out when URLs are presigned per owner; behind a CDN
@@ -40,7 +40,7 @@ class OutputFormat:
     render: Callable[[np.ndarray, int], bytes]  # (frames, fps) -> file bytes
 
 
-OUTPUT_FORMATS: dict[OutputKind, OutputFormat] = {
+OUTPUT_FORMATS: dict[str, OutputFormat] = {
     "mp4": OutputFormat("video.mp4", media.MP4_CONTENT_TYPE, media.encode_mp4),
     "webm": OutputFormat("video.webm", media.WEBM_CONTENT_TYPE, media.encode_webm),
     "gif": OutputFormat("preview.gif", media.GIF_CONTENT_TYPE, media.encode_gif),
