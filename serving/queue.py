@@ -114,6 +114,11 @@ class QueueStats:
         return self.finished_in_window / self.window_s if self.window_s > 0 else 0.0
 
 
+def _score_range(priority: int) -> tuple[int, int]:
+    """The `prioritized` zset's scores of one priority: priority * 2^32 + a counter (see above)."""
+    return priority * 2**32, (priority + 1) * 2**32 - 1
+
+
 @dataclass(frozen=True)
 class Waiting:
     """The jobs waiting to start in one priority: how many, and how long the oldest has waited."""
@@ -234,9 +239,8 @@ class JobQueue:
         keys = self._queue.keys
         async with self._queue.client.pipeline(transaction=False) as pipe:
             for priority in priorities:
-                # Prioritized scores are priority * 2^32 + a counter: FIFO within a priority,
-                # so a score range's first member is its oldest.
-                low, high = priority * 2**32, (priority + 1) * 2**32 - 1
+                # FIFO within a priority: a score range's first member is its oldest.
+                low, high = _score_range(priority)
                 pipe.zcount(keys["prioritized"], low, high)
                 pipe.zrangebyscore(keys["prioritized"], low, high, start=0, num=1)
             pipe.llen(keys["wait"])
@@ -266,7 +270,7 @@ class JobQueue:
         score = await self._queue.client.zscore(self._queue.keys["prioritized"], job_id)
         if score is None:
             return None
-        ahead = await self._queue.client.zcount(self._queue.keys["prioritized"], priority * 2**32, f"({score}")
+        ahead = await self._queue.client.zcount(self._queue.keys["prioritized"], _score_range(priority)[0], f"({score}")
         return int(ahead)
 
     async def stats(self, window_s: float, priorities: Collection[int] = (1, 2, 3)) -> QueueStats:
@@ -277,8 +281,7 @@ class JobQueue:
         async with self._queue.client.pipeline(transaction=True) as pipe:
             pipe.llen(keys["wait"])
             for priority in priorities:
-                # Prioritized scores are priority * 2^32 + a counter (see the module docstring).
-                pipe.zcount(keys["prioritized"], priority * 2**32, (priority + 1) * 2**32 - 1)
+                pipe.zcount(keys["prioritized"], *_score_range(priority))
             pipe.llen(keys["active"])
             pipe.zcard(keys["delayed"])
             # Finished sets are scored by finishedOn (ms).
@@ -287,7 +290,7 @@ class JobQueue:
             pipe.lindex(keys["wait"], -1)  # the right end is served first: the oldest
             for priority in priorities:
                 # FIFO within a priority: its first member is its oldest.
-                pipe.zrangebyscore(keys["prioritized"], priority * 2**32, (priority + 1) * 2**32 - 1, start=0, num=1)
+                pipe.zrangebyscore(keys["prioritized"], *_score_range(priority), start=0, num=1)
             raw = await pipe.execute()
         count = len(priorities)
         wait_len, *by_priority = raw[: 1 + count]

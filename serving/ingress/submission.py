@@ -103,7 +103,7 @@ async def _accept_as(
     options = submission.options
     lifecycle = services.lifecycle()
     request_hash = input_hash(image.data, params, prompt=options.prompt, provider=options.provider)
-    cache = ResultCache(services.jobs, services.storage)
+    cache = ResultCache(lifecycle, services.storage)
     source = None
     if cache_applies(services.settings, seed=options.seed, cache=options.cache):
         source = await cache.find(owner_id, request_hash)
@@ -125,9 +125,8 @@ async def _accept_as(
                                    idempotency_fingerprint=fingerprint, requested_provider=options.provider)
         if source is not None:
             # An identical earlier job: complete from its outputs, never enqueued, no GPU.
-            record = await cache.complete(record, source)
+            record = await cache.complete(record, source)  # announced there
             undo.pop_all()
-            await lifecycle.announce(record)  # its one outcome: a `completed` event and webhook
             return record, True
         await _enqueue(services, job_id, owner_id, options.priority)
         try:
