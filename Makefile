@@ -23,6 +23,7 @@ demo: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 
 test: lint
 	$(PY) -m pytest

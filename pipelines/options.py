@@ -123,7 +123,7 @@ class EngineOptions:
 
     def replace(self, **changes: object) -> EngineOptions:
         """A copy with `changes` applied (validated again)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, EngineOptions] = {

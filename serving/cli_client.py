@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from serving.ingress.schemas import OUTPUT_KINDS, AnimateOptions
-from serving.types import JobStatus, Priority
+from serving.ingress.schemas import AnimateOptions
+from serving.types import OUTPUT_KINDS, JobStatus, Priority
 
 if TYPE_CHECKING:
     from svd_serve_client import Client, Event, JobInfo
@@ -302,7 +302,7 @@ def _json_object(value: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
-    return parsed  # type: ignore[no-any-return]
+    return parsed
 
 
 def _connection_parent() -> argparse.ArgumentParser:
@@ -326,7 +326,7 @@ def add_client_commands(sub: Any) -> None:
     parent = _connection_parent()
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=help, description=help, parents=[parent])
+        parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, parents=[parent])
         parser.set_defaults(func=lambda args: run_client_command(func, args))
         return parser
 

@@ -12,10 +12,11 @@ queue of accepted jobs cannot run past it.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import structlog
 from prometheus_client import Counter
@@ -151,14 +152,43 @@ def month_start(now: dt.datetime) -> dt.datetime:
     return dt.datetime(now.year, now.month, 1, tzinfo=dt.timezone.utc)
 
 
+def next_month_start(now: dt.datetime) -> dt.datetime:
+    return dt.datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=dt.timezone.utc)
+
+
+# A forecast extrapolates at least one day: a job in the month's first minutes must not project
+# a month of that job's cost per minute.
+FORECAST_MIN_ELAPSED_S = 24 * 3600.0
+
+
+def month_end_forecast(spent_usd: float, now: dt.datetime) -> float:
+    """Where this month's spending ends if it goes on at its rate so far (linear, UTC month)."""
+    start, end = month_start(now), next_month_start(now)
+    elapsed = max((now - start).total_seconds(), FORECAST_MIN_ELAPSED_S)
+    return round(spent_usd * (end - start).total_seconds() / elapsed, 6)
+
+
 class CostLedger:
     """Per-owner spending, read from the jobs table."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
+    async def month_by_owner(self, now: dt.datetime | None = None) -> dict[str, float]:
+        """USD per owner of the jobs that ended in the current UTC month, in any terminal state
+        (a failed job that used a GPU or a paid provider cost what it recorded)."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        stmt = (
+            select(jobs.c.owner_id, func.sum(jobs.c.cost_usd))
+            .where(jobs.c.completed_at >= month_start(now), jobs.c.cost_usd.is_not(None))
+            .group_by(jobs.c.owner_id)
+        )
+        async with self._sessions() as session:
+            rows = (await session.execute(stmt)).all()
+        return {owner: float(total or 0.0) for owner, total in rows}
+
     async def month_total(self, owner_id: str, now: dt.datetime | None = None) -> float:
-        """USD of the owner's jobs that ended in the current UTC month."""
+        """USD of the owner's jobs that ended in the current UTC month (failed ones included)."""
         now = now or dt.datetime.now(dt.timezone.utc)
         stmt = select(func.coalesce(func.sum(jobs.c.cost_usd), 0.0)).where(
             jobs.c.owner_id == owner_id, jobs.c.completed_at >= month_start(now)
@@ -178,6 +208,32 @@ class CostLedger:
         return sum(estimate_of(JobParams.from_json(params), provider) for params, provider in rows), len(rows)
 
 
+class BudgetLevel(str, enum.Enum):
+    SOFT = "soft"  # `budget_soft_fraction` of the budget
+    HARD = "hard"  # the budget itself: new jobs are refused
+
+
+class BudgetAlertSink(Protocol):
+    """Told when an owner's committed spending (ended jobs, unfinished ones at their estimates,
+    and the job being admitted) reaches a budget level."""
+
+    async def threshold_reached(
+        self, owner_id: str, level: BudgetLevel, *, committed_usd: float, budget_usd: float
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class BudgetStanding:
+    """An owner's month so far, as the usage endpoint shows it (budget 0: none)."""
+
+    owner_id: str
+    month: str  # YYYY-MM, UTC
+    spent_usd: float  # jobs that ended this month, failed ones included
+    forecast_usd: float  # the month's end at the rate so far
+    budget_usd: float
+    soft_limit_usd: float
+
+
 @dataclass(frozen=True)
 class BudgetCheck:
     """An owner's standing against the monthly budget at one submission."""
@@ -193,28 +249,51 @@ class Budgets:
     """Monthly budgets per owner: past the soft share a log line and a metric, past the budget
     itself new jobs are refused with 402 `budget_exceeded`."""
 
-    def __init__(self, settings: Settings, ledger: CostLedger) -> None:
+    def __init__(self, settings: Settings, ledger: CostLedger, alerts: BudgetAlertSink | None = None) -> None:
         self._settings = settings
         self._default = settings.budget_monthly_usd
         self._overrides = parse_owner_budgets(settings.owner_budgets_usd)
         self._soft_fraction = settings.budget_soft_fraction
-        self._ledger = ledger
+        self.ledger = ledger
+        self._alerts = alerts  # told when an owner reaches a limit (the `budget.threshold` webhook)
 
     def budget_for(self, owner_id: str) -> float:
         return self._overrides.get(owner_id, self._default)
+
+    def soft_limit_for(self, owner_id: str) -> float:
+        return self.budget_for(owner_id) * self._soft_fraction
+
+    @property
+    def named_owners(self) -> frozenset[str]:
+        """Owners with a budget of their own (SVD_SERVE_OWNER_BUDGETS_USD)."""
+        return frozenset(self._overrides)
+
+    async def standing(self, owner_id: str, now: dt.datetime | None = None) -> BudgetStanding:
+        """The owner's month so far: spent, budget and limits, and where the month ends."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        spent = await self.ledger.month_total(owner_id, now)
+        return BudgetStanding(
+            owner_id=owner_id,
+            month=month_start(now).strftime("%Y-%m"),
+            spent_usd=round(spent, 6),
+            forecast_usd=month_end_forecast(spent, now),
+            budget_usd=self.budget_for(owner_id),
+            soft_limit_usd=round(self.soft_limit_for(owner_id), 6),
+        )
 
     async def check(self, owner_id: str, estimate_usd: float, now: dt.datetime | None = None) -> BudgetCheck:
         budget = self.budget_for(owner_id)
         if budget <= 0:
             return BudgetCheck(0.0, 0.0, estimate_usd, False)
-        spent = await self._ledger.month_total(owner_id, now)
-        pending, pending_jobs = await self._ledger.pending(
+        spent = await self.ledger.month_total(owner_id, now)
+        pending, pending_jobs = await self.ledger.pending(
             owner_id, lambda params, provider: job_estimate(self._settings, params, provider).usd
         )
         if spent + pending + estimate_usd > budget:
             BUDGET_HARD_LIMIT.inc()
             log.warning("budget_hard_limit", owner_id=owner_id, spent_usd=spent, pending_usd=pending,
                         budget_usd=budget)
+            await self._alert(owner_id, BudgetLevel.HARD, spent + pending, budget)
             unfinished = f" plus about ${pending:.2f} for {pending_jobs} unfinished jobs" if pending_jobs else ""
             raise BudgetExceeded(
                 f"This job (about ${estimate_usd:.2f}) would take this month's spending "
@@ -225,7 +304,16 @@ class Budgets:
             BUDGET_SOFT_LIMIT.inc()
             log.warning("budget_soft_limit", owner_id=owner_id, spent_usd=spent, pending_usd=pending,
                         budget_usd=budget)
+            await self._alert(owner_id, BudgetLevel.SOFT, spent + pending + estimate_usd, budget)
         return BudgetCheck(budget, spent, estimate_usd, soft, pending)
+
+    async def _alert(self, owner_id: str, level: BudgetLevel, committed_usd: float, budget_usd: float) -> None:
+        if self._alerts is None:
+            return
+        try:
+            await self._alerts.threshold_reached(owner_id, level, committed_usd=committed_usd, budget_usd=budget_usd)
+        except Exception as exc:  # an alert that cannot be sent must not change the answer
+            log.warning("budget_alert_failed", owner_id=owner_id, level=level.value, error=repr(exc))
 
 
 def parse_owner_budgets(raw: str) -> dict[str, float]:

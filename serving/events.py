@@ -19,8 +19,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-import redis
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 import structlog
 
 from serving import strict_json
@@ -137,7 +137,22 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def _fields(event_type: EventType, data: dict[str, Any]) -> dict[str, str]:
+# A stream's entries as redis-py returns them over RESP2 (our clients' protocol): (id, fields) pairs.
+_Entries = list[tuple[Any, dict[Any, Any]]]
+
+
+def _list(reply: object) -> list[Any]:
+    if not isinstance(reply, list):
+        raise TypeError(f"expected a RESP2 list reply from Redis, got {type(reply).__name__}")
+    return reply
+
+
+def _entries(reply: object) -> _Entries:
+    """XRANGE's reply, or one stream's part of XREAD's: a list of (id, fields)."""
+    return [] if reply is None else _list(reply)
+
+
+def stream_fields(event_type: EventType, data: dict[str, Any]) -> dict[FieldT, EncodableT]:
     return {"type": event_type.value, "data": strict_json.dumps(data)}  # served as is: strict JSON
 
 
@@ -202,14 +217,14 @@ class EventStore:
         """Append an event and return its id. A terminal event is added only if the stream has
         none yet; then the id of the one already there is returned."""
         key = self._keys.events(job_id)
-        fields = _fields(event_type, data)
+        fields = stream_fields(event_type, data)
         if event_type.terminal:
             result = await self._ensure_terminal(
                 keys=[key], args=[self._max_len, fields["type"], fields["data"], self._ttl_s]
             )
             return result.decode() if isinstance(result, bytes) else str(result)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)
             pipe.expire(key, self._ttl_s)
             entry_id, _ = await pipe.execute()
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -218,7 +233,7 @@ class EventStore:
         """Append an event only if the job has none yet; None if it had. The ingress announces
         `queued` after the enqueue (to know the position), by when an idle worker may already
         have announced `processing`: then the stale `queued` is dropped rather than misordered."""
-        fields = _fields(event_type, data)
+        fields = stream_fields(event_type, data)
         result = await self._publish_first(
             keys=[self._keys.events(job_id)], args=[self._max_len, fields["type"], fields["data"], self._ttl_s]
         )
@@ -228,7 +243,7 @@ class EventStore:
 
     async def history(self, job_id: str, after: str = START) -> list[JobEvent]:
         """Every kept event after `after`, oldest first."""
-        entries = await self._redis.xrange(self._keys.events(job_id), min=f"({after}", max="+")
+        entries = _entries(await self._redis.xrange(self._keys.events(job_id), min=f"({after}", max="+"))
         return [_decode(job_id, entry_id, fields) for entry_id, fields in entries]
 
     async def follow(
@@ -263,7 +278,7 @@ class EventStore:
                 check = True
                 yield HEARTBEAT
                 continue
-            for entry_id, fields in reply[0][1]:
+            for entry_id, fields in _entries(_list(reply)[0][1]):
                 event = _decode(job_id, entry_id, fields)
                 last = event.id
                 yield event
@@ -271,33 +286,12 @@ class EventStore:
                     return
 
 
-class SyncEventPublisher:
-    """Appends progress events from synchronous code (the Generator's denoising thread)."""
-
-    def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, max_len: int) -> None:
-        self._redis = client
-        self._keys = keys
-        self._ttl_s = ttl_s
-        self._max_len = max_len
-
-    def progress(self, job_id: str, *, stage: str, progress: float, step: int, steps: int) -> None:
-        key = self._keys.events(job_id)
-        fields = _fields(EventType.PROGRESS, progress_data(job_id, stage=stage, progress=progress, step=step, steps=steps))
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)  # type: ignore[arg-type]
-            pipe.expire(key, self._ttl_s)
-            pipe.execute()
-
-
 class JobEventSink(Protocol):
-    """Told about every job status change and progress report (the runner's one hook).
-    Implementations log their own failures: a lost notification must not fail a job."""
+    """Told about every job status change (by `serving.lifecycle.JobLifecycle`; progress goes
+    through `serving.progress`). Implementations log their own failures: a lost notification
+    must not fail a job."""
 
     async def job_changed(self, record: JobRecord, *, queue_position: int | None = None) -> None: ...
-
-    async def job_progress(
-        self, job_id: str, *, stage: str, progress: float, step: int | None = None, steps: int | None = None
-    ) -> None: ...
 
 
 class StreamEventSink:
@@ -316,14 +310,6 @@ class StreamEventSink:
         except Exception as exc:  # a follower back-fills a lost terminal event from the job row
             log.warning("event_publish_failed", job_id=record.id, status=record.status.value, error=repr(exc))
 
-    async def job_progress(
-        self, job_id: str, *, stage: str, progress: float, step: int | None = None, steps: int | None = None
-    ) -> None:
-        try:
-            data = progress_data(job_id, stage=stage, progress=progress, step=step, steps=steps)
-            await self._store.publish(job_id, EventType.PROGRESS, data)
-        except Exception as exc:
-            log.warning("event_publish_failed", job_id=job_id, stage=stage, error=repr(exc))
 
 
 class SinkGroup:
@@ -338,12 +324,3 @@ class SinkGroup:
                 await sink.job_changed(record, queue_position=queue_position)
             except Exception as exc:
                 log.error("event_sink_failed", sink=type(sink).__name__, job_id=record.id, error=repr(exc))
-
-    async def job_progress(
-        self, job_id: str, *, stage: str, progress: float, step: int | None = None, steps: int | None = None
-    ) -> None:
-        for sink in self._sinks:
-            try:
-                await sink.job_progress(job_id, stage=stage, progress=progress, step=step, steps=steps)
-            except Exception as exc:
-                log.error("event_sink_failed", sink=type(sink).__name__, job_id=job_id, error=repr(exc))

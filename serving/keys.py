@@ -71,6 +71,10 @@ class Keys:
     def budget_lock(self, owner_id: str) -> str:
         return f"{self.prefix}:budget:{owner_id}"
 
+    def budget_alert(self, owner_id: str, month: str, level: str) -> str:
+        """Set once the `budget.threshold` webhook of one owner, month and level was sent."""
+        return f"{self.prefix}:budget-alert:{month}:{level}:{owner_id}"
+
     def idempotency_lock(self, owner_id: str, key: str) -> str:
         # Hashed: the key is client text of up to 255 characters.
         return f"{self.prefix}:idem:{owner_id}:{hashlib.sha256(key.encode()).hexdigest()}"

@@ -150,10 +150,10 @@ JOB_COST_USD = WorkerMetric(
     "svd_job_cost_usd", Kind.HISTOGRAM, "Estimated cost of one completed job", ("provider", "model"), COST_BUCKETS
 )
 OWNER_COST_USD = WorkerMetric(
-    "svd_owner_cost_usd_total", Kind.COUNTER, "Estimated cost of completed jobs per owner", ("owner", "provider")
+    "svd_owner_cost_usd_total", Kind.COUNTER, "Estimated cost of ended jobs per owner, failed ones included", ("owner", "provider")
 )
 OWNER_GPU_SECONDS = WorkerMetric(
-    "svd_owner_gpu_seconds_total", Kind.COUNTER, "GPU (accelerator) seconds of completed jobs per owner", ("owner",)
+    "svd_owner_gpu_seconds_total", Kind.COUNTER, "GPU (accelerator) seconds of ended jobs per owner", ("owner",)
 )
 
 APP_RUNNING = WorkerMetric(

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ class ConsumedJobInfo:
         return self.attempt >= self.max_attempts
 
 
-JobHandler = Callable[[QueuedJob, ConsumedJobInfo], Awaitable[None]]
+JobHandler = Callable[[QueuedJob, ConsumedJobInfo], Coroutine[Any, Any, None]]
 # Told of a handed-back job after its handler stopped and before the queue offers it again.
 BeforeRelease = Callable[[str], Awaitable[None]]
 # Told of a job BullMQ failed without running our handler: it stalled (its worker died) more
@@ -112,6 +112,19 @@ class QueueStats:
     def drain_rate_per_s(self) -> float:
         """Jobs the workers finished per second, measured over the window."""
         return self.finished_in_window / self.window_s if self.window_s > 0 else 0.0
+
+
+def _score_range(priority: int) -> tuple[int, int]:
+    """The `prioritized` zset's scores of one priority: priority * 2^32 + a counter (see above)."""
+    return priority * 2**32, (priority + 1) * 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The jobs waiting to start in one priority: how many, and how long the oldest has waited."""
+
+    count: int
+    oldest_age_s: float
 
 
 class JobQueue:
@@ -186,7 +199,7 @@ class JobQueue:
                     (result,) = await pipe.execute()
                 except WatchError:
                     continue
-                return result == 1
+                return bool(result == 1)
         log.warning("queue_remove_contended", job_id=job_id, rounds=_REMOVE_ROUNDS)
         return False
 
@@ -220,13 +233,44 @@ class JobQueue:
             "failed": raw["failed"],
         }
 
+    async def waiting(self, priorities: Collection[int]) -> dict[int | None, Waiting]:
+        """Waiting jobs per priority, and (key None) in the unprioritized `wait` list (not added
+        by us, or put back by an old BullMQ), which is served first."""
+        keys = self._queue.keys
+        async with self._queue.client.pipeline(transaction=False) as pipe:
+            for priority in priorities:
+                # FIFO within a priority: a score range's first member is its oldest.
+                low, high = _score_range(priority)
+                pipe.zcount(keys["prioritized"], low, high)
+                pipe.zrangebyscore(keys["prioritized"], low, high, start=0, num=1)
+            pipe.llen(keys["wait"])
+            pipe.lindex(keys["wait"], -1)  # the right end is served first: the oldest
+            replies = await pipe.execute()
+        lines: list[tuple[int | None, int, str | None]] = [
+            (priority, int(replies[2 * i]), replies[2 * i + 1][0] if replies[2 * i + 1] else None)
+            for i, priority in enumerate(priorities)
+        ]
+        lines.append((None, int(replies[-2]), replies[-1]))
+        now_ms = time.time() * 1000
+        async with self._queue.client.pipeline(transaction=False) as pipe:
+            for _priority, _count, head in lines:
+                if head is not None:
+                    pipe.hget(self._queue.toKey(head), "timestamp")
+            stamps = iter(await pipe.execute())
+        result: dict[int | None, Waiting] = {}
+        for line_priority, count, head in lines:
+            stamp = next(stamps) if head is not None else None
+            age = max(0.0, (now_ms - float(stamp)) / 1000) if stamp is not None else 0.0
+            result[line_priority] = Waiting(count, age)
+        return result
+
     async def rank_in_priority(self, job_id: str, priority: int) -> int | None:
         """Waiting jobs of `priority` served before this one, or None if it is not prioritized
         and waiting."""
         score = await self._queue.client.zscore(self._queue.keys["prioritized"], job_id)
         if score is None:
             return None
-        ahead = await self._queue.client.zcount(self._queue.keys["prioritized"], priority * 2**32, f"({score}")
+        ahead = await self._queue.client.zcount(self._queue.keys["prioritized"], _score_range(priority)[0], f"({score}")
         return int(ahead)
 
     async def stats(self, window_s: float, priorities: Collection[int] = (1, 2, 3)) -> QueueStats:
@@ -237,8 +281,7 @@ class JobQueue:
         async with self._queue.client.pipeline(transaction=True) as pipe:
             pipe.llen(keys["wait"])
             for priority in priorities:
-                # Prioritized scores are priority * 2^32 + a counter (see the module docstring).
-                pipe.zcount(keys["prioritized"], priority * 2**32, (priority + 1) * 2**32 - 1)
+                pipe.zcount(keys["prioritized"], *_score_range(priority))
             pipe.llen(keys["active"])
             pipe.zcard(keys["delayed"])
             # Finished sets are scored by finishedOn (ms).
@@ -247,7 +290,7 @@ class JobQueue:
             pipe.lindex(keys["wait"], -1)  # the right end is served first: the oldest
             for priority in priorities:
                 # FIFO within a priority: its first member is its oldest.
-                pipe.zrangebyscore(keys["prioritized"], priority * 2**32, (priority + 1) * 2**32 - 1, start=0, num=1)
+                pipe.zrangebyscore(keys["prioritized"], *_score_range(priority), start=0, num=1)
             raw = await pipe.execute()
         count = len(priorities)
         wait_len, *by_priority = raw[: 1 + count]

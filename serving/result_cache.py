@@ -28,8 +28,9 @@ import time
 
 import structlog
 
-from serving.db.jobs import JobRecord, JobRepository
+from serving.db.jobs import JobRecord
 from serving.errors import InvalidTransition, NotFound
+from serving.lifecycle import JobLifecycle
 from serving.settings import Settings
 from serving.storage import ObjectStorage
 from serving.types import JobParams, JobStatus
@@ -61,8 +62,9 @@ def cache_applies(settings: Settings, *, seed: int | None, cache: bool) -> bool:
 class ResultCache:
     """Finds a job to reuse and completes a new job from it, without the queue or the GPU."""
 
-    def __init__(self, jobs: JobRepository, storage: ObjectStorage) -> None:
-        self._jobs = jobs
+    def __init__(self, lifecycle: JobLifecycle, storage: ObjectStorage) -> None:
+        self._lifecycle = lifecycle  # a hit's transitions are announced like any job's
+        self._jobs = lifecycle.jobs
         self._storage = storage
 
     async def find(self, owner_id: str, request_hash: str) -> JobRecord | None:
@@ -86,8 +88,9 @@ class ResultCache:
         """
         started = time.perf_counter()
         try:
-            await self._jobs.transition(record.id, JobStatus.PROCESSING, stage=CACHE_STAGE, progress=0.0)
-            completed = await self._jobs.transition(
+            await self._lifecycle.transition(record.id, JobStatus.PROCESSING, stage=CACHE_STAGE, progress=0.0)
+            # Its one outcome, announced like any job's: a `completed` event, webhook and count.
+            completed = await self._lifecycle.transition(
                 record.id,
                 JobStatus.COMPLETED,
                 result_url=source.result_url,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     models_dir: Path | None = None  # local weights; default data_dir/models
     model_revision: str = "main"  # what `svd-serve models download` fetches; pin a commit hash in production
     offline: bool = False
-    device: str = "auto"  # auto|cuda|cpu
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     ray_address: str | None = None  # None: start a local Ray
     ray_num_cpus: int | None = None
     generator_num_gpus: float = 0.0  # set 1 on GPU nodes
@@ -194,6 +194,8 @@ class Settings(BaseSettings):
     budget_monthly_usd: float = 0.0
     owner_budgets_usd: str = ""
     budget_soft_fraction: float = 0.8  # past this share of the budget: alert metric and log
+    # Optional: a signed `budget.threshold` webhook when an owner reaches the soft limit or the budget.
+    budget_webhook_url: str = ""
 
     # Observability (issue #8). Logs: JSON lines, or console text; `auto` = console only in
     # development on a terminal, JSON everywhere else (files, Ray replicas, containers).
@@ -265,11 +267,11 @@ class Settings(BaseSettings):
         return owners
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, `.env` and `SVD_SERVE_SECRETS_DIR`."""
     import os
 
     secrets_dir = os.environ.get("SVD_SERVE_SECRETS_DIR")
     if secrets_dir:
-        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
-    return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_secrets_dir=secrets_dir, **overrides)
+    return Settings(**overrides)

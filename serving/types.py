@@ -10,9 +10,15 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
+
+# What a job can make, by the name clients use in `outputs` (rendered by the PostProcessor's
+# `OUTPUT_FORMATS`, one format per kind), and what a job makes when it does not say.
+OutputKind = Literal["mp4", "webm", "gif", "webp", "thumbnail", "frames"]
+OUTPUT_KINDS: tuple[OutputKind, ...] = get_args(OutputKind)
+DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("mp4", "thumbnail")
 
 
 class JobStatus(str, enum.Enum):
@@ -82,7 +88,7 @@ class JobParams:
     min_guidance_scale: float
     max_guidance_scale: float
     decode_chunk_size: int | None = None
-    outputs: tuple[str, ...] = ("mp4", "thumbnail")
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     interpolate_fps: int | None = None  # resample the clip to this rate (None: keep `fps`)
     loop: bool = False  # ping-pong: forwards then backwards
 

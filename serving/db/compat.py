@@ -15,7 +15,9 @@ from __future__ import annotations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, delete, inspect, insert, select, text
+from typing import cast
+
+from sqlalchemy import Connection, Table, delete, inspect, insert, select, text
 
 from serving.db.models import SchemaCompatibility
 
@@ -54,7 +56,7 @@ def lock_for_migration(connection: Connection) -> None:
 def record_compatibility(connection: Connection, script: ScriptDirectory) -> None:
     """Write the database's compatibility row for the revision it is at now."""
     heads = MigrationContext.configure(connection).get_current_heads()
-    table = SchemaCompatibility.__table__
+    table = cast(Table, SchemaCompatibility.__table__)
     if len(heads) != 1 or not inspect(connection).has_table(table.name):
         return  # empty, or downgraded below 0007
     connection.execute(delete(table))
@@ -65,7 +67,7 @@ def record_compatibility(connection: Connection, script: ScriptDirectory) -> Non
 
 def recorded_oldest(connection: Connection) -> str | None:
     """The oldest compatible code revision the database declares, None without the row."""
-    table = SchemaCompatibility.__table__
+    table = cast(Table, SchemaCompatibility.__table__)
     if not inspect(connection).has_table(table.name):
         return None
     return connection.execute(select(table.c.oldest_code_revision)).scalar_one_or_none()

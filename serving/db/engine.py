@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event, make_url
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -71,3 +72,10 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
 def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit (we hand out snapshots anyway)."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def rows_matched(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (its result is a CursorResult)."""
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"expected the result of an UPDATE or DELETE, got {type(result).__name__}")
+    return result.rowcount

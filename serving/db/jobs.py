@@ -36,6 +36,8 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from serving.provider_names import AUTO, LOCAL
+
+from serving.db.engine import rows_matched
 from serving.db.errors import DuplicateIdempotencyKey
 from serving.db.models import Job, JSONType, UTCDateTime
 from serving.errors import Conflict, InvalidInput, InvalidTransition, NotFound
@@ -212,6 +214,14 @@ class JobRepository:
             row = (await session.execute(stmt)).mappings().first()
         return None if row is None else _record(row)
 
+    async def owned(self, job_id: str | uuid.UUID, owner_id: str) -> JobRecord:
+        """The owner's job, or 404: another owner's job, a malformed id and a missing job all
+        answer the same, so an id says nothing about jobs the caller may not see."""
+        record = await self.get(job_id, owner_id=owner_id)
+        if record is None:
+            raise NotFound(f"Job {job_id} was not found.")
+        return record
+
     async def list_for_owner(
         self,
         owner_id: str,
@@ -298,7 +308,7 @@ class JobRepository:
         stmt = update(jobs).where(jobs.c.id == jid, jobs.c.status.in_(ACTIVE_STATUS_VALUES)).values(values)
         async with self._sessions() as session, session.begin():
             result = await session.execute(stmt)
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return bool(rows_matched(result))
 
     async def delete(self, job_id: str | uuid.UUID) -> None:
         """Remove the job (undoing a submission that failed after the insert); missing is fine."""
@@ -344,7 +354,7 @@ class JobRepository:
         stmt = update(jobs).where(jobs.c.id == jid, jobs.c.status == JobStatus.PROCESSING.value).values(values)
         async with self._sessions() as session, session.begin():
             result = await session.execute(stmt)
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return bool(rows_matched(result))
 
     async def record_routing(self, job_id: str | uuid.UUID, *, provider: str, routing_reason: str) -> bool:
         """A processing job moves to another provider (a fallback mid-attempt); False if not processing."""
@@ -355,7 +365,7 @@ class JobRepository:
         stmt = update(jobs).where(jobs.c.id == jid, jobs.c.status == JobStatus.PROCESSING.value).values(values)
         async with self._sessions() as session, session.begin():
             result = await session.execute(stmt)
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return bool(rows_matched(result))
 
     async def release_idempotency_key(self, job_id: str | uuid.UUID) -> None:
         """Forget the job's Idempotency-Key (it has outlived its retention), so the owner may
@@ -413,19 +423,19 @@ def _transition_values(to: JobStatus, fields: JobChanges) -> dict[str, Any]:
         values.update(progress=1.0, stage=Stage.DONE.value)
     elif to is JobStatus.QUEUED:
         values.update(progress=0.0, stage=Stage.QUEUED.value)
-    for name, value in fields.items():
-        if name == "timings":
-            patch = _check_timings(value)  # type: ignore[arg-type]
-            if patch:
-                param = bindparam("timings_patch", patch, type_=JSONType)
-                values["timings"] = json_merge(jobs.c.timings, param)
-        elif name == "progress":
-            values["progress"] = _check_progress(value)  # type: ignore[arg-type]
-        elif name == "stage":
-            values["stage"] = _stage_value(value)  # type: ignore[arg-type]
-        else:
-            values[name] = value
+    values.update({name: value for name, value in fields.items() if name not in _CHECKED_CHANGES})
+    if "timings" in fields and (patch := _check_timings(fields["timings"])):
+        values["timings"] = json_merge(jobs.c.timings, bindparam("timings_patch", patch, type_=JSONType))
+    if "progress" in fields:
+        values["progress"] = _check_progress(fields["progress"])
+    if "stage" in fields:
+        values["stage"] = _stage_value(fields["stage"])
     return values
+
+
+# Changes checked or merged rather than written as given.
+_CHECKED_CHANGES = frozenset({"timings", "progress", "stage"})
+
 
 
 # Plain helpers -------------------------------------------------------------------------------

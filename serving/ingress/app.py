@@ -20,6 +20,7 @@ from serving.ingress.routes_admin import router as admin_router
 from serving.ingress.routes_events import router as events_router
 from serving.ingress.routes_jobs import router as jobs_router
 from serving.ingress.routes_system import router as system_router
+from serving.ingress.routes_usage import router as usage_router
 from serving.ingress.routes_webhooks import provider_router as provider_webhooks_router
 from serving.ingress.routes_webhooks import router as webhooks_router
 from serving.keys import Keys
@@ -32,6 +33,7 @@ from serving.security.setup import build_security, require_a_key_source
 from serving.settings import Settings
 from serving.storage import S3Storage, make_storage
 from serving.providers.callbacks import Closer, register_provider_webhooks
+from serving.webhooks.budget_alerts import BudgetWebhook, build_budget_webhook
 from serving.webhooks.inbound import ProviderRegistry
 from serving.webhooks.services import DeliveryServices, build_delivery_services
 
@@ -48,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         queue = JobQueue(settings.redis_url, settings.queue_name)
         delivery: DeliveryServices | None = None
         closers: list[Closer] = []
+        budget_webhook: BudgetWebhook | None = None
         try:
             await check_migrated(engine)  # refuse to serve on an unmigrated database
             setup_observability(settings, "api")  # tracing / Sentry, when configured
@@ -61,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
             keys = Keys(settings.key_prefix)
             delivery = build_delivery_services(settings, sessions, storage, app.state.providers)
             closers = register_provider_webhooks(app.state.providers, settings, JobRepository(sessions), redis, keys)
+            budget_webhook = build_budget_webhook(settings, redis, keys)
             app.state.services = Services(
                 settings=settings,
                 engine=engine,
@@ -71,7 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
                 redis=redis,
                 keys=keys,
                 api_key_owners=owners,
-                budgets=Budgets(settings, CostLedger(sessions)),
+                budgets=Budgets(settings, CostLedger(sessions), budget_webhook),
                 delivery=delivery,
                 security=build_security(settings, sessions, redis, keys),
             )
@@ -83,6 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await close()
             if delivery is not None:
                 await delivery.aclose()
+            if budget_webhook is not None:
+                await budget_webhook.aclose()
             await queue.close()
             await redis.aclose()
             await engine.dispose()
@@ -106,4 +112,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks_router)
     app.include_router(provider_webhooks_router)
     app.include_router(admin_router)
+    app.include_router(usage_router)
     return app

@@ -23,6 +23,8 @@ from serving.cost import Budgets
 from serving.db.jobs import JobRepository
 from serving.errors import Forbidden, NotFound, Unauthorized
 from serving.keys import Keys
+from serving.lifecycle import JobLifecycle
+from serving.observability.job_metrics import JobMetrics
 from serving.queue import JobQueue
 from serving.security.auth import LOCAL_OWNER
 from serving.security.middleware import RATE_LIMIT_STATE
@@ -58,9 +60,18 @@ class Services:
     delivery: DeliveryServices | None = None  # events and webhooks (serving.webhooks.services)
     security: SecurityServices = field(repr=False, default=None)  # type: ignore[assignment]  # set in the lifespan
 
+    def lifecycle(self) -> JobLifecycle:
+        """The ingress's side of a job's lifecycle: its changes, events, webhooks and metrics."""
+        return JobLifecycle(
+            self.jobs,
+            self.delivery.notifier if self.delivery is not None else None,
+            JobMetrics(self.redis, self.keys, self.settings.gpu_hour_price_usd),
+        )
+
 
 def get_services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    services: Services = request.app.state.services
+    return services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

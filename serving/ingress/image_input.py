@@ -223,7 +223,8 @@ def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
             return [resolve(v) for v in node]
         return node
 
-    return resolve(schema)  # type: ignore[no-any-return]
+    inlined: dict[str, Any] = resolve(schema)
+    return inlined
 
 
 def _without_null(prop: dict[str, Any]) -> dict[str, Any]:

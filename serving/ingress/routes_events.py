@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection
 
 from serving import strict_json
 from serving.db.jobs import JobRecord
-from serving.errors import NotFound, SvdServeError
+from serving.errors import SvdServeError
 from serving.events import (
     STATUS_EVENTS,
     EventType,
@@ -95,10 +95,7 @@ def _sse(event: JobEvent) -> str:
 
 
 async def _owned_job(services: Services, job_id: str, owner: str) -> JobRecord:
-    record = await services.jobs.get(job_id, owner_id=owner)
-    if record is None:
-        raise NotFound(f"Job {job_id} was not found.")  # another owner's job looks missing too
-    return record
+    return await services.jobs.owned(job_id, owner)
 
 
 @router.get("/{job_id}/events", operation_id="streamJobEvents", description=EVENTS_DOC, response_class=StreamingResponse,

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from serving.cost import job_estimate
 from serving.db.jobs import JobRecord
-from serving.errors import NotFound, SvdServeError
+from serving.errors import SvdServeError
 from serving.ingress.deps import (
     JobAdmissionDep,
     JobIdPath,
@@ -96,10 +96,7 @@ def _accepted(services: Services, record: JobRecord, status_code: int) -> JSONRe
 @router.get("/status/{job_id}", operation_id="getJob", response_model=JobStatusResponse, response_model_by_alias=True,
             responses=READ_PROBLEMS)
 async def status(services: ServicesDep, owner: OwnerDep, job_id: JobIdPath) -> JobStatusResponse:
-    record = await services.jobs.get(job_id, owner_id=owner)
-    if record is None:
-        raise NotFound(f"Job {job_id} was not found.")
-    return await job_view(services, record)
+    return await job_view(services, await services.jobs.owned(job_id, owner))
 
 
 @router.get("", operation_id="listJobs", response_model=JobListResponse, response_model_by_alias=True, responses=READ_PROBLEMS)

@@ -16,6 +16,7 @@ from serving.ingress.deps import OwnerDep, Services, ServicesDep
 from serving.ingress.problems import problem
 from serving.ingress.schemas import ModelInfo, ModelListResponse
 from serving.observability.exporter import render, shared_families
+from serving.observability.spend import spend_families
 from serving.storage import LocalStorage
 
 log = structlog.get_logger(__name__)
@@ -64,7 +65,7 @@ async def _worker_info(services: Services) -> dict[str, object]:
 async def metrics(services: ServicesDep) -> Response:
     # This process's own metrics; the Redis-held ones (queue gauges, worker metrics) only where
     # this ingress is their one exporter (serving.observability.exporter explains why).
-    body = generate_latest()
+    body = generate_latest() + render(await spend_families(services.budgets))  # budgets: from the job store
     if services.settings.metrics_shared_on_ingress:
         body += render(await shared_families(services.redis, services.queue, services.keys))
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -80,10 +80,7 @@ def _view(delivery: DeliveryRecord, attempts: list[AttemptRecord]) -> WebhookDel
 
 
 async def _check_owner(services: Services, job_id: str, owner: str) -> str:
-    record = await services.jobs.get(job_id, owner_id=owner)
-    if record is None:
-        raise NotFound(f"Job {job_id} was not found.")
-    return record.id
+    return (await services.jobs.owned(job_id, owner)).id
 
 
 @router.get("/{job_id}/webhooks", operation_id="listWebhookDeliveries", response_model=WebhookDeliveryList, response_model_by_alias=True)

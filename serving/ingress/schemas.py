@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from serving.provider_names import RequestedProvider
-from serving.types import JobStatus, Priority
+from serving.types import OUTPUT_KINDS, JobStatus, Priority
 
-OutputKind = Literal["mp4", "webm", "gif", "webp", "thumbnail", "frames"]
-OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
 OutputName = Annotated[str, Field(json_schema_extra={"enum": list(OUTPUT_KINDS)})]
 
 
@@ -152,3 +150,14 @@ class ModelInfo(ApiModel):
 class ModelListResponse(ApiModel):
     models: list[ModelInfo]
     default: str
+
+
+class UsageResponse(ApiModel):
+    """The caller's spending this UTC month: failed jobs that used a GPU or a paid provider count
+    too. `forecastUsd` is where the month ends at its rate so far; budget 0 means none."""
+
+    month: str
+    spent_usd: float
+    forecast_usd: float
+    budget_usd: float
+    soft_limit_usd: float

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
 from redis.exceptions import LockError
@@ -15,11 +16,13 @@ from serving.cost import admit_cost, check_provider
 from serving.backpressure import admit, confirm_admission
 from serving.db.errors import DuplicateIdempotencyKey
 from serving.db.jobs import JobRecord
-from serving.errors import CapacityError, Conflict, InvalidTransition, NotFound, RateLimited
+from serving.errors import CapacityError, Conflict, InvalidTransition, RateLimited
 from serving.ingress.deps import Services
 from serving.ingress.idempotency import IdempotencyGuard, request_fingerprint
 from serving.ingress.image_input import Submission
 from serving.ingress.validation import CheckedImage, check_image, resolve_params
+from serving.keys import CANCEL_TTL_S
+from serving.lifecycle import JobLifecycle
 from serving.observability.tracing import job_span
 from serving.result_cache import ResultCache, cache_applies, input_hash
 from serving.types import JobParams, JobStatus, Priority, QueuedJob
@@ -91,72 +94,58 @@ async def _accept_as(
     image: CheckedImage,
     idempotency: tuple[str, str] | None,
 ) -> tuple[JobRecord, bool]:
+    """The submission's steps, in order: look for a cached result; admit to the queue; admit to
+    the budget; store the input; write the row; then either complete from the cache or enqueue
+    and confirm the queue admission; announce. A step that writes registers its undo on `undo`;
+    when a later step fails, the registered undos run in reverse and nothing is left behind."""
     idempotency_key, fingerprint = idempotency or (None, None)
     key = input_key(owner_id, job_id, image.extension)
     options = submission.options
+    lifecycle = services.lifecycle()
     request_hash = input_hash(image.data, params, prompt=options.prompt, provider=options.provider)
-    cache = ResultCache(services.jobs, services.storage)
+    cache = ResultCache(lifecycle, services.storage)
     source = None
     if cache_applies(services.settings, seed=options.seed, cache=options.cache):
         source = await cache.find(owner_id, request_hash)
     if source is None:
         await admit(services.queue, options.priority, services.settings)  # bounded queue: 429/503
-    async with budget_admission(services, owner_id, paid=source is None):
-        if source is None:
-            # A new paid job must fit the owner's monthly budget (402), its unfinished jobs
-            # counted; a cached result costs nothing.
-            await admit_cost(services.settings, services.budgets, owner_id, params, options.provider)
-        await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
+    async with contextlib.AsyncExitStack() as undo:
+        async with budget_admission(services, owner_id, paid=source is None):
+            if source is None:
+                # A new paid job must fit the owner's monthly budget (402), its unfinished jobs
+                # counted; a cached result costs nothing.
+                await admit_cost(services.settings, services.budgets, owner_id, params, options.provider)
+            await _store_input(services, undo, key, image)
+            record = await _create(lifecycle, undo, job_id=job_id, owner_id=owner_id,
+                                   image_url=services.storage.uri(key), params=params.to_json(),
+                                   model=params.model, priority=options.priority.value, prompt=options.prompt,
+                                   metadata=options.metadata or {}, webhook_url=options.webhook_url,
+                                   idempotency_key=idempotency_key, input_hash=request_hash,
+                                   max_attempts=services.settings.job_attempts,
+                                   idempotency_fingerprint=fingerprint, requested_provider=options.provider)
+        if source is not None:
+            # An identical earlier job: complete from its outputs, never enqueued, no GPU.
+            record = await cache.complete(record, source)  # announced there
+            undo.pop_all()
+            return record, True
+        await _enqueue(services, job_id, owner_id, options.priority)
         try:
-            record = await services.jobs.create(
-                job_id=job_id,
-                owner_id=owner_id,
-                image_url=services.storage.uri(key),
-                params=params.to_json(),
-                model=params.model,
-                priority=options.priority.value,
-                prompt=options.prompt,
-                metadata=options.metadata or {},
-                webhook_url=options.webhook_url,
-                idempotency_key=idempotency_key,
-                input_hash=request_hash,
-                max_attempts=services.settings.job_attempts,
-                idempotency_fingerprint=fingerprint,
-                requested_provider=options.provider,
-            )
-        except BaseException:
-            await asyncio.to_thread(services.storage.delete, key)
-            raise
-    if source is not None:
-        # An identical earlier job: complete from its outputs, never enqueued, no GPU.
-        try:
-            record = await cache.complete(record, source)
-        except BaseException:
-            await _undo(services, job_id, key)
-            raise
-        if services.delivery is not None:
-            # Its one outcome, announced like any job's: a `completed` event and webhook.
-            await services.delivery.notifier.job_changed(record)
-        return record, True
-    await _enqueue(services, job_id, owner_id, options.priority, input_key=key)
-    try:
-        await confirm_admission(services.queue, job_id, options.priority, services.settings)
-    except RateLimited:
-        if await services.queue.remove(job_id):  # else a worker has it already: keep the job
-            await _undo(services, job_id, key)
-            raise
+            await confirm_admission(services.queue, job_id, options.priority, services.settings)
+        except RateLimited:
+            if await services.queue.remove(job_id):
+                raise  # out of the queue again: undo the row and the input
+            # else a worker has it already: keep the job
+        undo.pop_all()
     log.info("job_accepted", job_id=job_id, owner_id=owner_id, model=params.model, source=submission.source)
-    if services.delivery is not None:
-        await services.delivery.notifier.job_changed(record, queue_position=await _position(services, job_id))
+    await lifecycle.announce(record, queue_position=await _position(services, job_id))
     return record, True
 
 
 async def retry_job(services: Services, owner_id: str, job_id: str) -> JobRecord:
     """Re-run a job that ended in `error` (or was canceled) as a new job with the same input and
     parameters; the original keeps its one outcome and the new one points at it (`retryOf`)."""
-    original = await services.jobs.get(job_id, owner_id=owner_id)
-    if original is None:
-        raise NotFound(f"Job {job_id} was not found.")
+    lifecycle = services.lifecycle()
+    original = await services.jobs.owned(job_id, owner_id)
     if original.status not in (JobStatus.ERROR, JobStatus.CANCELED):
         raise Conflict(
             f"Job {job_id} is {original.status.value}; only a failed or canceled job can be retried.",
@@ -164,30 +153,35 @@ async def retry_job(services: Services, owner_id: str, job_id: str) -> JobRecord
         )
     await admit(services.queue, original.priority, services.settings)
     new_id = str(uuid.uuid4())
-    async with budget_admission(services, owner_id, paid=True):
-        # A re-run is a new paid job: it must fit the budget like any other.
-        await admit_cost(services.settings, services.budgets, owner_id, original.job_params,
-                         original.requested_provider)
-        record = await services.jobs.create(
-            job_id=new_id,
-            owner_id=owner_id,
-            image_url=original.image_url,  # the stored input is immutable: share it
-            params=original.params,
-            model=original.model,
-            priority=original.priority.value,
-            prompt=original.prompt,
-            metadata=original.metadata,
-            webhook_url=original.webhook_url,
-            input_hash=original.input_hash,
-            max_attempts=services.settings.job_attempts,
-            retry_of=original.id,
-            requested_provider=original.requested_provider,
-        )
-    # The input object is the original's (shared), so only the new row is undone on failure.
-    await _enqueue(services, new_id, owner_id, original.priority, input_key=None)
+    async with contextlib.AsyncExitStack() as undo:
+        async with budget_admission(services, owner_id, paid=True):
+            # A re-run is a new paid job: it must fit the budget like any other.
+            await admit_cost(services.settings, services.budgets, owner_id, original.job_params,
+                             original.requested_provider)
+            # The stored input is immutable and the original's: shared, so never undone here.
+            record = await _create(lifecycle, undo, job_id=new_id, owner_id=owner_id,
+                                   image_url=original.image_url, params=original.params, model=original.model,
+                                   priority=original.priority.value, prompt=original.prompt,
+                                   metadata=original.metadata, webhook_url=original.webhook_url,
+                                   input_hash=original.input_hash, max_attempts=services.settings.job_attempts,
+                                   retry_of=original.id, requested_provider=original.requested_provider)
+        await _enqueue(services, new_id, owner_id, original.priority)
+        undo.pop_all()
     log.info("job_retried", job_id=new_id, retry_of=original.id, owner_id=owner_id)
-    if services.delivery is not None:
-        await services.delivery.notifier.job_changed(record, queue_position=await _position(services, new_id))
+    await lifecycle.announce(record, queue_position=await _position(services, new_id))
+    return record
+
+
+async def _store_input(services: Services, undo: contextlib.AsyncExitStack, key: str, image: CheckedImage) -> None:
+    """Step: store the input image (undo: delete it)."""
+    await asyncio.to_thread(services.storage.put, key, image.data, image.content_type)
+    undo.push_async_callback(asyncio.to_thread, services.storage.delete, key)
+
+
+async def _create(lifecycle: JobLifecycle, undo: contextlib.AsyncExitStack, **fields: Any) -> JobRecord:
+    """Step: write the jobs row (undo: delete it)."""
+    record = await lifecycle.create(**fields)
+    undo.push_async_callback(lifecycle.delete, record.id)
     return record
 
 
@@ -211,15 +205,9 @@ async def budget_admission(services: Services, owner_id: str, *, paid: bool) -> 
             await lock.release()
 
 
-async def _undo(services: Services, job_id: str, input_key: str | None) -> None:
-    """Remove what accepting a job wrote: its row and, when it is the job's own, its input object."""
-    await services.jobs.delete(job_id)
-    if input_key is not None:
-        await asyncio.to_thread(services.storage.delete, input_key)
-
-
-async def _enqueue(services: Services, job_id: str, owner_id: str, priority: Priority, *, input_key: str | None) -> None:
-    """Put the recorded job in the queue; if the queue is unreachable, undo it and answer 503."""
+async def _enqueue(services: Services, job_id: str, owner_id: str, priority: Priority) -> None:
+    """Step: put the recorded job in the queue; an unreachable queue answers 503 (and the
+    caller's registered undos remove what was written)."""
     try:
         await services.queue.add(
             QueuedJob(job_id=job_id, owner_id=owner_id),
@@ -229,7 +217,6 @@ async def _enqueue(services: Services, job_id: str, owner_id: str, priority: Pri
         )
     except Exception as exc:
         log.error("enqueue_failed", job_id=job_id, error=repr(exc))
-        await _undo(services, job_id, input_key)
         raise CapacityError("The job queue is unavailable; try again shortly.", code="queue_unavailable") from exc
 
 
@@ -243,22 +230,19 @@ async def _position(services: Services, job_id: str) -> int | None:
 
 async def cancel_job(services: Services, owner_id: str, job_id: str) -> JobRecord:
     """Queued jobs leave the queue and never run; running jobs stop at their next denoising step."""
-    record = await services.jobs.get(job_id, owner_id=owner_id)
-    if record is None:
-        raise NotFound(f"Job {job_id} was not found.")
+    lifecycle = services.lifecycle()
+    record = await services.jobs.owned(job_id, owner_id)
     if record.status.terminal:
         raise Conflict(f"Job {job_id} is already {record.status.value}.", code="job_finished")
     # Set the flag first: a worker that picks the job up in between sees it before it starts.
-    await services.redis.set(services.keys.cancel(job_id), "1", ex=24 * 3600)
+    await services.redis.set(services.keys.cancel(job_id), "1", ex=CANCEL_TTL_S)
     if record.status is JobStatus.QUEUED:
         await services.queue.remove(job_id)
     try:
-        canceled = await services.jobs.transition(job_id, JobStatus.CANCELED, stage="canceled")
+        # The event and the canceled webhook go out with the change.
+        return await lifecycle.transition(job_id, JobStatus.CANCELED, stage="canceled")
     except InvalidTransition:
         # It finished in the meantime: that outcome stands.
         current = await services.jobs.get(job_id, owner_id=owner_id)
         state = current.status.value if current else "finished"
         raise Conflict(f"Job {job_id} is already {state}.", code="job_finished") from None
-    if services.delivery is not None:
-        await services.delivery.notifier.job_changed(canceled)  # the event and the canceled webhook
-    return canceled

@@ -11,18 +11,16 @@ from models.errors import UnknownModel
 from models.registry import get_spec
 from pydantic import BaseModel
 
-from models.specs import ModelSpec
+from models.specs import SIZE_MULTIPLE, ModelSpec
 from serving.errors import InvalidInput, UnsupportedMediaType
-from serving.ingress.schemas import OUTPUT_KINDS, AnimateOptions
+from serving.ingress.schemas import AnimateOptions
 from serving.strict_json import unstorable
 from serving.media import interpolated_frame_count, ping_pong_frame_count
 from serving.security.images import decode_and_reencode, hidden_trailer, sniff_format
-from serving.types import JobParams
+from serving.types import DEFAULT_OUTPUTS, OUTPUT_KINDS, JobParams
 
 ALLOWED_IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 MAX_IMAGE_PIXELS = 4096 * 4096
-SIZE_MULTIPLE = 64
-DEFAULT_OUTPUTS = ("mp4", "thumbnail")
 # Frames after interpolation and looping: bounds what one job holds in memory while it is
 # encoded (384 frames of 1024x576 RGB are 680 MB) and how long its outputs play.
 MAX_OUTPUT_FRAMES = 384

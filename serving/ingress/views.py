@@ -10,7 +10,7 @@ from serving.backpressure import estimated_start
 from serving.db.jobs import JobRecord
 from serving.ingress.deps import Services
 from serving.ingress.schemas import ErrorInfo, JobStatusResponse, JobWarning
-from serving.providers.router import LOCAL
+from serving.provider_names import LOCAL
 from serving.types import JobStatus
 from serving.uris import key_from_uri
 
@@ -53,7 +53,8 @@ async def job_view(services: Services, record: JobRecord, *, live: bool = True) 
         overlay = await services.redis.hgetall(services.keys.progress(record.id))
         if overlay:
             progress = max(progress, float(overlay.get(b"progress", progress)))
-            stage = overlay.get(b"stage", b"").decode() or stage
+            raw_stage = overlay.get(b"stage", b"")
+            stage = (raw_stage.decode() if isinstance(raw_stage, bytes) else raw_stage) or stage
     estimated_start_at = None
     if live and record.status is JobStatus.QUEUED:
         position = await services.queue.position(record.id)

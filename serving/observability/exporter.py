@@ -34,7 +34,7 @@ async def shared_families(redis: aioredis.Redis, queue: JobQueue, keys: Keys) ->
     `svd_metrics_redis_up 0` (a scrape reports, it does not fail)."""
     families: list[Metric] = []
     try:
-        families = [*await queue_families(redis, queue), *await read_worker_metrics(redis, keys)]
+        families = [*await queue_families(queue), *await read_worker_metrics(redis, keys)]
         up = 1.0
     except Exception as exc:
         log.warning("metrics_redis_read_failed", error=repr(exc))

@@ -57,16 +57,18 @@ class JobMetrics:
 
     async def finished(self, record: JobRecord) -> None:
         """A job reached `record.status`: a terminal state, or queued again after a failed
-        attempt. Completed jobs also give their stage latencies and cost."""
+        attempt. Completed jobs also give their stage latencies and cost; every ended job that
+        used a GPU or a paid provider (a failed Runway task is charged) adds to its owner's spend."""
         batch = MetricBatch(self._keys)
         status = record.status.value if record.status.terminal else "retrying"
         batch.inc(JOBS_FINISHED, {"status": status, "model": record.model})
+        provider = record.provider or LOCAL
+        cost = job_cost_usd(record, self._gpu_hour_price_usd)
         if record.status is JobStatus.COMPLETED:
             for stage, seconds in stage_seconds(record.timings).items():
                 batch.observe(JOB_STAGE_SECONDS, {"stage": stage, "model": record.model}, seconds)
-            cost = job_cost_usd(record, self._gpu_hour_price_usd)
-            provider = record.provider or LOCAL
             batch.observe(JOB_COST_USD, {"provider": provider, "model": record.model}, cost)
+        if record.status.terminal and (record.status is JobStatus.COMPLETED or cost > 0):
             batch.inc(OWNER_COST_USD, {"owner": record.owner_id, "provider": provider}, cost)
             batch.inc(OWNER_GPU_SECONDS, {"owner": record.owner_id}, float(record.gpu_seconds or 0.0))
         await batch.aflush(self._redis)

@@ -46,7 +46,10 @@ def _serve_details() -> dict[str, Any]:
     # that returns the target replica count.
     from ray.serve.context import _get_global_client
 
-    return dict(_get_global_client().get_serve_details())
+    client = _get_global_client()
+    if client is None:
+        raise RuntimeError("Ray Serve is not running here: no controller client")
+    return dict(client.get_serve_details())
 
 
 class ReplicaReporter:

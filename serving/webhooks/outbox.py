@@ -79,11 +79,6 @@ class WebhookOutbox:
         except Exception as exc:
             log.error("webhook_enqueue_failed", job_id=record.id, error=repr(exc))
 
-    async def job_progress(
-        self, job_id: str, *, stage: str, progress: float, step: int | None = None, steps: int | None = None
-    ) -> None:
-        return None  # webhooks announce outcomes only
-
     async def enqueue(self, record: JobRecord) -> DeliveryRecord:
         """Record the job's outcome webhook (or find the one already recorded) and make it due."""
         if not record.status.terminal or not record.webhook_url:

@@ -17,6 +17,7 @@ from sqlalchemy import RowMapping, Table, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from serving.db.engine import rows_matched
 from serving.db.models import Job, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from serving.errors import NotFound
 from serving.types import TERMINAL_STATUS_VALUES
@@ -273,7 +274,7 @@ class WebhookStore:
             try:
                 async with self._sessions() as session, session.begin():
                     result = await session.execute(update(endpoints).where(*key).values(values))
-                    if not result.rowcount:  # type: ignore[attr-defined]
+                    if not rows_matched(result):
                         await session.execute(
                             insert(endpoints).values(owner_id=owner_id, url_hash=url_hash(url), url=url, **values)
                         )

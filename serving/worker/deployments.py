@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -20,6 +21,7 @@ from serving.logs import configure_service_logging
 from serving.observability.job_metrics import JobMetrics
 from serving.observability.replicas import ReplicaReporter
 from serving.observability.tracing import setup_observability
+from serving.progress import StreamLimits
 from serving.providers.setup import build_providers
 from serving.settings import Settings
 from serving.storage import make_storage
@@ -121,7 +123,7 @@ class PostProcessor:
 class Dispatcher:
     """Consumes the Redis queue and drives each job through the Generator and the PostProcessor."""
 
-    async def __init__(self, settings: Settings, generator: DeploymentHandle, postprocessor: DeploymentHandle) -> None:
+    async def __init__(self, settings: Settings, generator: DeploymentHandle[Any], postprocessor: DeploymentHandle[Any]) -> None:
         configure_service_logging(settings)
         setup_observability(settings, "dispatcher")
         if not settings.redis_url:
@@ -148,7 +150,8 @@ class Dispatcher:
             settings, local, RayPostProcess(postprocessor), jobs, self._redis, keys, metrics=metrics
         )
         runner = JobRunner(
-            jobs, self._providers.backend, self._redis, keys, self._delivery.sink, metrics, prices=prices
+            jobs, self._providers.backend, self._redis, keys, self._delivery.sink, metrics, prices=prices,
+            stream_limits=StreamLimits.from_settings(settings),
         )
         self._consumer = queue_consumer(settings, runner)
         # SIGTERM (via __del__ or drain()) and a drain of this replica's own Ray node (a GPU pod

@@ -19,12 +19,13 @@ from pipelines.batch import BatchItem, batch_cost, plan_batches
 from pipelines.options import EngineOptions, SizeBucket, parse_warmup_buckets, preset
 from pipelines.errors import GenerationCanceled, NonFiniteOutput
 from pipelines.params import VideoParams
+from serving.cost import share_batch
 from serving.errors import JobCanceled, PermanentError, RunHandedBack
-from serving.events import SyncEventPublisher
-from serving.keys import PROGRESS_TTL_S, Keys
+from serving.keys import Keys
 from serving.metrics import BATCH_SIZE, DENOISING_STEP_SECONDS, MetricBatch
 from serving.observability.gpu import record_device
 from serving.observability.tracing import job_span
+from serving.progress import ProgressReport, StreamLimits, SyncProgressWriter
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
 from serving.types import GenerationRequest, GenerationResult, Stage
@@ -79,9 +80,7 @@ class GenerationService:
             raise RuntimeError("REDIS_URL is not set: the generator reports progress through Redis.")
         self._redis = redis.Redis.from_url(settings.redis_url)
         self._keys = Keys(settings.key_prefix)
-        self._events = SyncEventPublisher(
-            self._redis, self._keys, ttl_s=settings.events_ttl_s, max_len=settings.events_max_len
-        )
+        self._progress = SyncProgressWriter(self._redis, self._keys, StreamLimits.from_settings(settings))
         # Runs their dispatcher gave up (run id -> when): they stop at their next step.
         self._abandoned: dict[str, float] = {}
         # Node drain (serving.worker.node_drain): runs held now, runs given back, the drain seen.
@@ -124,21 +123,15 @@ class GenerationService:
         return self._pipelines[model]
 
     def _report(self, job_id: str, step: int, steps: int, run_id: str | None = None) -> None:
-        key = self._keys.progress(job_id)
         fraction = DENOISE_SHARE * step / max(steps, 1)
         run = self._runs.get(run_id) if run_id is not None else None
         if run is not None:
             run.fraction = step / max(steps, 1)
-        fields: dict[str, str | int] = {"progress": f"{fraction:.4f}", "stage": Stage.DENOISING.value,
-                                        "step": step, "steps": steps}
-        if self.node_id is not None:
-            fields["node"] = self.node_id
-        self._redis.hset(key, mapping=fields)
-        self._redis.expire(key, PROGRESS_TTL_S)
+        report = ProgressReport(job_id, Stage.DENOISING.value, fraction, step, steps, node=self.node_id)
         try:
-            self._events.progress(job_id, stage=Stage.DENOISING.value, progress=fraction, step=step, steps=steps)
-        except redis.RedisError as exc:  # a missed progress event must not stop the denoising
-            log.warning("progress_event_failed", job_id=job_id, error=repr(exc))
+            self._progress.write(report)
+        except redis.RedisError as exc:  # a missed progress report must not stop the denoising
+            log.warning("progress_write_failed", job_id=job_id, error=repr(exc))
 
     def _record_metrics(self, model: str, device: str, step_times: list[float], batch_size: int = 1) -> None:
         batch = MetricBatch(self._keys)
@@ -304,11 +297,12 @@ class GenerationService:
                 self._runs.pop(request.run_id, None)
                 self._handed_back.discard(request.run_id)
         seconds = time.perf_counter() - started
-        total_cost = sum(batch_cost(p) for p in params) or 1
+        # A shared loop's GPU time is split by each request's share of the work.
+        shares = share_batch(seconds, [batch_cost(p) for p in params])
         log.info("generation_done", model=model, batch_size=len(requests), steps=len(step_times),
                  seconds=round(seconds, 3), job_ids=job_ids)
         results: list[GenerationResult | BaseException] = []
-        for request, p, outcome in zip(requests, params, outcomes, strict=True):
+        for request, share, outcome in zip(requests, shares, outcomes, strict=True):
             if isinstance(outcome.error, GenerationCanceled) and request.run_id in handed_back:
                 results.append(RunHandedBack(f"Job {request.job_id} was handed back: node {self.node_id} is draining."))
             elif isinstance(outcome.error, GenerationCanceled):
@@ -319,8 +313,6 @@ class GenerationService:
             elif outcome.error is not None or outcome.frames is None:
                 results.append(outcome.error or RuntimeError("the engine returned no frames"))
             else:
-                # A shared loop's GPU time is split by each request's share of the work.
-                share = seconds * batch_cost(p) / total_cost
                 results.append(
                     GenerationResult(
                         job_id=request.job_id,

@@ -123,7 +123,7 @@ class LocalRayBackend:
             except asyncio.CancelledError:
                 # Our handler was stopped (a drain handed the job back): tell the replica too, or
                 # it would keep the GPU busy with a run whose result nobody waits for.
-                response.cancel()
+                response.cancel()  # type: ignore[no-untyped-call]  # unannotated in Ray
                 raise
             except RunHandedBack as exc:
                 if time.monotonic() + pause > give_up:

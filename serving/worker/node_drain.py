@@ -21,6 +21,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -44,7 +45,7 @@ class DrainState:
         return self.deadline - (time.time() if now is None else now)
 
 
-def _gcs(address: str):  # type: ignore[no-untyped-def]
+def _gcs(address: str) -> Any:
     from ray._raylet import GcsClient
 
     return GcsClient(address=address)

@@ -19,10 +19,12 @@ from serving.backend import ProviderOutcome, StageCallback, VideoBackend
 from serving.cost import Prices
 from serving.db.jobs import JobChanges, JobRecord, JobRepository
 from serving.errors import InvalidTransition, JobCanceled, NotFound, PermanentError, ProviderTaskFailed, RetryableError
-from serving.events import JobEventSink, SinkGroup
+from serving.events import JobEventSink
 from serving.keys import Keys
+from serving.lifecycle import RETRYING_STAGE, JobLifecycle
 from serving.observability.job_metrics import JobMetrics
 from serving.observability.tracing import job_span
+from serving.progress import ProgressWriter, StreamLimits
 from serving.queue import ConsumedJobInfo, QueueConsumer
 from serving.settings import Settings
 from serving.uris import key_from_uri
@@ -56,14 +58,15 @@ class JobRunner:
         metrics: JobMetrics | None = None,
         *,
         prices: Prices | None = None,
+        stream_limits: StreamLimits | None = None,
     ) -> None:
         self._jobs = jobs
         self._backend = backend
         self._redis = redis
         self._keys = keys
-        # Told of every status change and progress report: live events and outcome webhooks.
-        self._events: JobEventSink = events if events is not None else SinkGroup()
-        self._metrics = metrics  # worker metrics in Redis (serving.metrics); None in unit tests
+        # Every status change and progress report: the row, live events, outcome webhooks, metrics.
+        limits = stream_limits or StreamLimits.default()
+        self._lifecycle = JobLifecycle(jobs, events, metrics, ProgressWriter(redis, keys, limits))
         # What a job costs (issue #6). Where it runs is the backend's business (issue #14: in the
         # Dispatcher a `RoutedBackend`, which records its routing decision on the job).
         self._prices = prices
@@ -84,7 +87,7 @@ class JobRunner:
             # A holder that died between its final transition and telling the sink leaves the
             # job here again: announce once more (the event stream and the webhook outbox
             # both keep one outcome per job, so a repeat adds nothing).
-            await self._events.job_changed(record)
+            await self._lifecycle.announce(record)
             return
         if await self._redis.exists(self._keys.cancel(record.id)):
             await self._finish_canceled(record.id)
@@ -151,9 +154,7 @@ class JobRunner:
 
     def _stage_callback(self, job_id: str) -> StageCallback:
         async def on_stage(stage: Stage, progress: float) -> None:
-            await self._jobs.update_progress(job_id, progress=progress, stage=stage.value)
-            await self._redis.hset(self._keys.progress(job_id), mapping={"progress": progress, "stage": stage.value})
-            await self._events.job_progress(job_id, stage=stage.value, progress=progress)
+            await self._lifecycle.progress(job_id, stage=stage.value, progress=progress)
 
         return on_stage
 
@@ -200,22 +201,17 @@ class JobRunner:
         log.error("job_failed", job_id=job_id, code=code, error=message)
 
     async def _requeue(self, job_id: str, exc: Exception) -> None:
-        try:
-            record = await self._transition(
-                job_id, JobStatus.QUEUED, stage="retrying", error_code="attempt_failed", error_message=str(exc)[:2000]
+        try:  # the lifecycle counts it as `retrying`
+            await self._transition(
+                job_id, JobStatus.QUEUED, stage=RETRYING_STAGE, error_code="attempt_failed",
+                error_message=str(exc)[:2000],
             )
         except InvalidTransition:
             return
-        if self._metrics is not None:
-            await self._metrics.finished(record)  # counted as `retrying`
 
     async def _transition(self, job_id: str, to: JobStatus, **fields: Unpack[JobChanges]) -> JobRecord:
-        """Every status change the runner makes: the guarded transition, then the sink hears."""
-        record = await self._jobs.transition(job_id, to, **fields)
-        await self._events.job_changed(record)
-        if self._metrics is not None and record.status.terminal:
-            await self._metrics.finished(record)
-        return record
+        """Every status change the runner makes, through the job's lifecycle."""
+        return await self._lifecycle.transition(job_id, to, **fields)
 
 
 def _render_job(record: JobRecord, info: ConsumedJobInfo) -> RenderJob:

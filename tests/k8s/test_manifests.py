@@ -21,6 +21,7 @@ import yaml
 
 from serving.autoscaling import generator_scaling_options
 from serving.metrics import WORKER_METRICS
+from serving.observability.spend import SPEND_METRICS
 from serving.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +44,7 @@ CRD_SCHEMAS = {
 INGRESS_METRICS = {
     "svd_submissions_total", "svd_cancellations_total", "svd_http_request_duration_seconds",
     "svd_queue_depth_jobs", "svd_queue_oldest_job_age_seconds", "svd_queue_jobs", "svd_metrics_redis_up",
+    *SPEND_METRICS,
 }
 
 
@@ -358,7 +360,7 @@ def test_alerts_and_dashboard_use_exported_metrics() -> None:
     # the alerts are all there
     alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"]}
     assert {"SvdQueueAgeOverSla", "SvdJobErrorRate", "SvdWebhookFailures", "SvdNoReadyGpuReplica",
-            "SvdOwnerMonthlyBudget"} <= alerts
+            "SvdOwnerMonthlyBudget", "SvdOwnerBudgetSoftLimit"} <= alerts
 
 
 def _svd_serve_commands(pod_spec: dict[str, Any]) -> dict[str, list[str]]:

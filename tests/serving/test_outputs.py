@@ -178,7 +178,7 @@ def test_storage_refuses_bytes_that_do_not_match_their_checksum(storage: LocalSt
 
 
 def test_the_output_table_names_every_kind_the_api_accepts() -> None:
-    from serving.ingress.schemas import OUTPUT_KINDS
+    from serving.types import OUTPUT_KINDS
 
     assert set(OUTPUT_FORMATS) == set(OUTPUT_KINDS) == set(ALL_OUTPUTS)
 

@@ -81,9 +81,9 @@ def submit_request(image: ImageInput, options: dict[str, Any]) -> dict[str, Any]
     if isinstance(image, bytes):
         name, content = "image", image
     elif hasattr(image, "read"):
-        name, content = Path(getattr(image, "name", "image")).name, image.read()  # type: ignore[union-attr]
+        name, content = Path(getattr(image, "name", "image")).name, image.read()
     else:
-        path = Path(image)  # type: ignore[arg-type]
+        path = Path(image)
         name, content = path.name, path.read_bytes()  # FileNotFoundError: the caller's to see
     return {"files": {"image": (name, content)}, "data": {k: _form_value(v) for k, v in fields.items()}}
 
@@ -110,7 +110,7 @@ def retry_delay(attempt: int, response: httpx.Response | None, config: Config, i
         return None
     if response is not None and response.status_code not in statuses:
         return None
-    backoff = min(8.0, 0.5 * 2**attempt) * (0.75 + random.random() / 2)
+    backoff = min(8.0, 0.5 * float(2**attempt)) * (0.75 + random.random() / 2)
     header = response.headers.get("retry-after") if response is not None else None
     if header is not None:
         try:

@@ -7,6 +7,7 @@ Create Date: 2026-11-25
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -20,7 +21,7 @@ depends_on: str | Sequence[str] | None = None
 # Written out here rather than imported from serving.db.models (see 0001).
 
 
-def _ts(name: str, nullable: bool) -> sa.Column:  # type: ignore[type-arg]
+def _ts(name: str, nullable: bool) -> sa.Column[dt.datetime]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
