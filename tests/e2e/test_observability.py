@@ -174,11 +174,14 @@ def test_every_documented_metric_is_scraped_from_its_target(e2e_stack: Stack, tm
                 pass
             assert exporter.poll() is None and time.monotonic() < deadline, (tmp_path / "exporter.log").read_text()
             time.sleep(0.2)  # polling the exporter's start, bounded by the deadline
-        # the Dispatcher refreshes the Serve gauges every few seconds: wait until they are there
+        # the Dispatcher refreshes the Serve gauges every few seconds, and its first report may
+        # predate the application's RUNNING: wait until they are there and say RUNNING
         def complete(series: Series) -> bool:  # the job's cost, and the Dispatcher's periodic gauges
-            return exposed(series, "svd_job_cost_usd") and exposed(series, "svd_serve_application_running")
+            return (exposed(series, "svd_job_cost_usd") and exposed(series, "svd_serve_application_running")
+                    and sum(pick(series, "svd_serve_application_running")) == 1)
 
-        scraped = {"exporter": scrape_until(exporter_url, complete), "ingress": scrape(e2e_stack.base_url)}
+        scraped = {"exporter": scrape_until(exporter_url, complete, timeout_s=120),
+                   "ingress": scrape(e2e_stack.base_url)}
     finally:
         exporter.terminate()
         exporter.wait(timeout=30)
