@@ -109,12 +109,12 @@ class CostLedger:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    async def month_total(self, owner_id: str, now: dt.datetime | None = None) -> float:
-        """USD of the owner's jobs that ended in the current UTC month."""
+    async def month_total(self, owner_id: str | None, now: dt.datetime | None = None) -> float:
+        """USD of the owner's jobs (every owner's with None) that ended in the current UTC month."""
         now = now or dt.datetime.now(dt.timezone.utc)
-        stmt = select(func.coalesce(func.sum(jobs.c.cost_usd), 0.0)).where(
-            jobs.c.owner_id == owner_id, jobs.c.completed_at >= month_start(now)
-        )
+        stmt = select(func.coalesce(func.sum(jobs.c.cost_usd), 0.0)).where(jobs.c.completed_at >= month_start(now))
+        if owner_id is not None:
+            stmt = stmt.where(jobs.c.owner_id == owner_id)
         async with self._sessions() as session:
             return float(await session.scalar(stmt) or 0.0)
 
@@ -151,6 +151,10 @@ class Budgets:
         self._overrides = parse_owner_budgets(settings.owner_budgets_usd)
         self._soft_fraction = settings.budget_soft_fraction
         self._ledger = ledger
+
+    @property
+    def ledger(self) -> CostLedger:
+        return self._ledger
 
     def budget_for(self, owner_id: str) -> float:
         return self._overrides.get(owner_id, self._default)

@@ -15,6 +15,7 @@ from serving.db.jobs import JobRepository
 from serving.db.migrate import check_migrated
 from serving.ingress.deps import Services
 from serving.ingress.problems import install_problem_docs, install_problem_handlers
+from serving.ingress.routes_account import router as account_router
 from serving.ingress.routes_admin import router as admin_router
 from serving.ingress.routes_events import router as events_router
 from serving.ingress.routes_jobs import router as jobs_router
@@ -98,4 +99,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks_router)
     app.include_router(provider_webhooks_router)
     app.include_router(admin_router)
+    app.include_router(account_router)
     return app

@@ -1,0 +1,140 @@
+"""The endpoints the console needs and the API lacked: /me, the cost estimate, the admin
+overview and the full model catalogue (real Redis, PostgreSQL and SQLite, local storage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.registry import get_spec
+from serving.ingress.app import create_app
+from serving.keys import Keys
+from serving.metrics import BREAKER_OPEN, JOBS_FINISHED, REPLICAS_RUNNING, REPLICAS_WANTED, MetricBatch
+from serving.security.scopes import Scope
+from serving.settings import Settings
+from tests.serving.test_ingress import Ingress, ingress, submit_png  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.asyncio
+
+
+async def admin_client(ingress: Ingress) -> httpx.AsyncClient:
+    _, key = await ingress.services.security.api_keys.create(f"ops-{ingress.owner}", [Scope.ADMIN])
+    return httpx.AsyncClient(transport=ingress.client._transport, base_url="http://testserver",
+                             headers={"Authorization": f"Bearer {key}"})
+
+
+async def test_me_names_the_owner_and_scopes(ingress: Ingress) -> None:
+    me = await ingress.client.get("/api/v1/me")
+    assert me.status_code == 200, me.text
+    assert me.json() == {"ownerId": ingress.owner, "scopes": ["read", "submit"], "authDisabled": False}
+    async with await admin_client(ingress) as admin:
+        assert (await admin.get("/api/v1/me")).json()["scopes"] == ["admin"]
+    anonymous = await ingress.client.get("/api/v1/me", headers={"Authorization": ""})
+    assert anonymous.status_code == 401 and anonymous.json()["code"] == "missing_api_key"
+
+
+async def test_me_in_development_mode_says_auth_is_disabled(redis_url: str, unique_prefix: str, tmp_path: Path) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
+    from serving.db.migrate import upgrade
+
+    upgrade(database)
+    settings = Settings(data_dir=tmp_path, database_url=database, redis_url=redis_url, queue_name=unique_prefix,
+                        key_prefix=unique_prefix, auth_disabled=True)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            me = (await client.get("/api/v1/me")).json()
+    assert me == {"ownerId": "local", "scopes": ["admin", "read", "submit"], "authDisabled": True}
+
+
+async def test_estimate_prices_a_submission_without_creating_it(ingress: Ingress) -> None:
+    settings = ingress.services.settings
+    answer = await ingress.client.post("/api/v1/estimate", json={"numFrames": 4, "numInferenceSteps": 3, "seed": 9})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    expected = round(settings.local_job_seconds_estimate / 3600 * settings.gpu_hour_spot_price_usd, 6) \
+        if settings.gpu_pricing == "spot" else round(settings.local_job_seconds_estimate / 3600 * settings.gpu_hour_price_usd, 6)
+    assert body["provider"] == "local" and body["estimatedCostUsd"] == expected
+    assert body["gpuSeconds"] == settings.local_job_seconds_estimate
+    assert body["params"]["num_frames"] == 4 and body["params"]["seed"] == 9
+    assert body["params"]["model"] == settings.default_model
+    # Without a seed none is drawn; with no body at all every default applies.
+    defaults = (await ingress.client.post("/api/v1/estimate")).json()
+    spec = get_spec(settings.default_model)
+    assert "seed" not in defaults["params"] and defaults["params"]["num_frames"] == spec.default_num_frames
+    # The same submission answers the same estimate, and only the submission makes a job.
+    assert await ingress.rows(ingress.owner) == 0 and await ingress.queued() == 0
+    accepted = await submit_png(ingress, {"numFrames": "4", "numInferenceSteps": "3", "seed": "9"})
+    assert accepted.json()["estimatedCostUsd"] == body["estimatedCostUsd"]
+
+
+async def test_estimate_refuses_what_a_submission_refuses_with_the_same_message(ingress: Ingress) -> None:
+    for fields in ({"numFrames": 999}, {"model": "nope"}, {"width": 100}, {"provider": "runway"}, {"bogus": 1}):
+        estimate = await ingress.client.post("/api/v1/estimate", json=fields)
+        submitted = await submit_png(ingress, {k: str(v) for k, v in fields.items()})
+        assert estimate.status_code == submitted.status_code == 422, (fields, estimate.text)
+        assert estimate.json()["code"] == submitted.json()["code"], fields
+        assert estimate.json()["detail"] == submitted.json()["detail"], fields
+    text = await ingress.client.post("/api/v1/estimate", content=b"numFrames=4",
+                                     headers={"Content-Type": "text/plain"})
+    assert text.status_code == 415
+    assert await ingress.rows(ingress.owner) == 0
+
+
+async def test_models_list_every_default_and_range(ingress: Ingress) -> None:
+    answer = (await ingress.client.get("/api/v1/models")).json()
+    tiny = next(m for m in answer["models"] if m["name"] == "tiny-random")
+    spec = get_spec("tiny-random")
+    assert tiny["defaultMotionBucketId"] == spec.default_motion_bucket_id
+    assert tiny["defaultNoiseAugStrength"] == spec.default_noise_aug_strength
+    assert tiny["defaultMinGuidanceScale"] == spec.default_min_guidance_scale
+    assert tiny["defaultMaxGuidanceScale"] == spec.default_max_guidance_scale
+    assert tiny["fpsRange"] == [1, 60] and tiny["motionBucketIdRange"] == [0, 1023]
+    assert tiny["noiseAugStrengthRange"] == [0.0, 1.0] and tiny["guidanceScaleRange"] == [0.0, 20.0]
+    assert tiny["sizeMultiple"] == 64 and tiny["stepsRange"] == [spec.min_steps, spec.max_steps]
+    limits = answer["limits"]
+    assert limits["outputs"] == ["mp4", "webm", "gif", "webp", "thumbnail", "frames"]
+    assert limits["defaultOutputs"] == ["mp4", "thumbnail"]
+    assert limits["priorities"] == ["high", "normal", "low"] and limits["defaultPriority"] == "normal"
+    assert "auto" in limits["providers"] and limits["defaultProvider"] == "auto"
+    assert limits["seedRange"] == [0, 2**32 - 1]
+    assert limits["maxUploadBytes"] == ingress.services.settings.max_upload_bytes
+    # The advertised bounds are the enforced ones: just past each edge is refused.
+    for field, value in (("fps", 61), ("motionBucketId", 1024), ("noiseAugStrength", 1.5), ("seed", 2**32)):
+        refused = await ingress.client.post("/api/v1/estimate", json={field: value})
+        assert refused.status_code == 422, field
+    for field, value in (("fps", 60), ("motionBucketId", 1023), ("noiseAugStrength", 1.0), ("seed", 2**32 - 1)):
+        accepted = await ingress.client.post("/api/v1/estimate", json={field: value})
+        assert accepted.status_code == 200, (field, accepted.text)
+
+
+async def test_admin_overview_reads_the_redis_aggregates(ingress: Ingress) -> None:
+    services = ingress.services
+    for _ in range(2):
+        assert (await submit_png(ingress, {"priority": "high"})).status_code == 202
+    assert (await submit_png(ingress, {"priority": "low"})).status_code == 202
+    # What the Dispatcher's replica watcher and the runner write (serving.observability.replicas).
+    batch = MetricBatch(Keys(services.settings.key_prefix))
+    batch.set(REPLICAS_WANTED, {"deployment": "Generator"}, 3)
+    batch.set(REPLICAS_RUNNING, {"deployment": "Generator"}, 2)
+    batch.set(BREAKER_OPEN, {"provider": "runway"}, 1)
+    batch.set(BREAKER_OPEN, {"provider": "local"}, 0)
+    batch.inc(JOBS_FINISHED, {"status": "completed", "model": "tiny-random"}, 3)
+    batch.inc(JOBS_FINISHED, {"status": "error", "model": "tiny-random"}, 1)
+    await batch.aflush(services.redis)
+
+    refused = await ingress.client.get("/api/v1/admin/overview")
+    assert refused.status_code == 403
+    async with await admin_client(ingress) as admin:
+        answer = await admin.get("/api/v1/admin/overview")
+    assert answer.status_code == 200, answer.text
+    overview = answer.json()
+    assert overview["queueDepth"] == {"high": 2, "normal": 0, "low": 1, "none": 0}
+    assert overview["oldestWaitS"]["high"] >= 0 and overview["oldestWaitS"]["normal"] == 0
+    assert overview["generators"] == {"wanted": 3, "running": 2}
+    assert overview["breakersOpen"] == {"runway": True, "local": False}
+    assert overview["jobsFinished"] == {"completed": 3, "error": 1, "canceled": 0}
+    assert overview["errorRate"] == 0.25
+    assert overview["monthToDateUsd"] == 0.0 and overview["metricsAvailable"] is True
