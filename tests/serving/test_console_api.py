@@ -138,3 +138,63 @@ async def test_admin_overview_reads_the_redis_aggregates(ingress: Ingress) -> No
     assert overview["jobsFinished"] == {"completed": 3, "error": 1, "canceled": 0}
     assert overview["errorRate"] == 0.25
     assert overview["monthToDateUsd"] == 0.0 and overview["metricsAvailable"] is True
+
+
+async def test_an_admin_retries_another_owners_dead_letter_for_that_owner(ingress: Ingress) -> None:
+    from serving.types import JobStatus
+
+    job_id = (await submit_png(ingress, {"seed": "3"})).json()["jobId"]
+    jobs = ingress.services.jobs
+    # The job ran out of attempts, as the dispatcher records it.
+    await jobs.transition(job_id, JobStatus.PROCESSING, attempts=3)
+    await jobs.transition(job_id, JobStatus.ERROR, error_code="generation_failed", error_message="worker lost")
+    await ingress.services.queue.remove(job_id)
+    bob = {"Authorization": "Bearer key-bob"}
+    refused = await ingress.client.post(f"/api/v1/animate-image/{job_id}/retry", headers=bob)
+    assert refused.status_code == 404  # another owner's job looks missing to a plain key
+    async with await admin_client(ingress) as admin:
+        retried = await admin.post(f"/api/v1/animate-image/{job_id}/retry")
+    assert retried.status_code == 202, retried.text
+    new = await jobs.get(retried.json()["jobId"])
+    assert new is not None and new.owner_id == ingress.owner and new.retry_of == job_id
+    mine = (await ingress.client.get(f"/api/v1/animate-image/status/{new.id}")).json()
+    assert mine["retryOf"] == job_id and mine["params"]["seed"] == 3
+
+
+async def test_the_console_is_served_with_a_policy_that_allows_only_itself(ingress: Ingress) -> None:
+    landing = await ingress.client.get("/")
+    assert landing.status_code == 200 and 'href="/console/"' in landing.text
+    redirect = await ingress.client.get("/console")
+    assert redirect.status_code == 308 and redirect.headers["location"] == "/console/"
+    page = await ingress.client.get("/console/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["script-src"] == "'self'" and policy["style-src"] == "'self'"
+    assert policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    # Local storage: outputs are this ingress's signed /files URLs.
+    assert policy["media-src"] == f"'self' blob: {ingress.services.settings.resolved_public_base_url}"
+    # Everything the page loads ships in the package and is served here: no CDN.
+    import re
+
+    for src in re.findall(r'(?:src|href)="(static/[^"]+)"', page.text):
+        asset = await ingress.client.get(f"/console/{src}")
+        assert asset.status_code == 200, src
+    module = await ingress.client.get("/console/static/js/app.js")
+    assert module.headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    imports = re.findall(r'from "\./([a-z]+\.js)"', module.text)
+    assert imports
+    for name in imports:
+        assert (await ingress.client.get(f"/console/static/js/{name}")).status_code == 200, name
+    assert "http" not in "".join(re.findall(r'(?:src|href)="([^"]+)"', page.text))
+    # API answers are not pages: no page policy on them.
+    assert "content-security-policy" not in (await ingress.client.get("/api/v1/me")).headers
+
+
+async def test_the_policy_names_the_s3_endpoint_and_the_cdn() -> None:
+    from serving.security.middleware import console_csp
+
+    s3 = console_csp(Settings(storage_backend="s3", s3_endpoint_url="http://minio.internal:9000/bucket",
+                              public_base_url="https://video.example.com"))
+    assert "media-src 'self' blob: https://video.example.com http://minio.internal:9000;" in s3
+    aws = console_csp(Settings(storage_backend="s3", cdn_base_url="https://cdn.example.com/v/"))
+    assert "https://cdn.example.com https://*.amazonaws.com" in aws
