@@ -5,6 +5,7 @@ for a job state) with a generous deadline; screenshots of each step go to test-a
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 JOB_DEADLINE_MS = 180_000  # a job on a 2-core machine shared with other work; generous
 STEP_MS = 30_000
+ANY_URL = re.compile(r"^https?://")
 
 
 def png_bytes(color: tuple[int, int, int] = (40, 120, 200), size: tuple[int, int] = (96, 64)) -> bytes:
@@ -142,3 +144,195 @@ def test_submit_by_upload_see_progress_and_play(console: Page, console_stack: Co
     # "Again with this seed" fills the form with the seed used.
     page.get_by_role("button", name="Again with this seed").click()
     expect(page.locator("#seed")).to_have_value(str(status["params"]["seed"]))
+
+
+def submit_via_api(stack: ConsoleStack, owner: str, **fields: str) -> str:
+    with stack.client(owner) as client:
+        answer = client.post("/api/v1/animate-image", files={"image": ("in.png", png_bytes(), "image/png")},
+                             data=fields)
+    assert answer.status_code in (200, 202), answer.text
+    return str(answer.json()["jobId"])
+
+
+def test_cancel_a_running_job(console: Page, console_stack: ConsoleStack, tmp_path: Path, artifacts: Path) -> None:
+    page = console
+    sign_in(page, console_stack, "alice")
+    choose_image(page, tmp_path)
+    set_advanced(page, numInferenceSteps=50, width=256, height=256)  # long enough to catch running
+    page.get_by_role("button", name="Animate", exact=True).click()
+    job = job_id(page)
+    wait_status(page, "processing")
+    page.get_by_role("button", name="Cancel").click()
+    wait_status(page, "canceled", timeout_ms=STEP_MS)
+    expect(page.locator("#cancel")).to_be_disabled()
+    expect(page.locator("#job-retry")).to_be_visible()  # a canceled job can be run again
+    page.screenshot(path=artifacts / "03-canceled.png", full_page=True)
+    assert wait_api(console_stack, "alice", job, lambda s: s["status"] == "canceled")["resultUrl"] is None
+
+
+def test_reload_mid_job_resumes_its_events(console: Page, console_stack: ConsoleStack, tmp_path: Path,
+                                            artifacts: Path) -> None:
+    page = console
+    sign_in(page, console_stack, "alice")
+    choose_image(page, tmp_path)
+    set_advanced(page, numInferenceSteps=50, width=256, height=256)
+    page.get_by_role("button", name="Animate", exact=True).click()
+    job = job_id(page)
+    expect(page.locator("#job-steps")).to_contain_text("Step", timeout=JOB_DEADLINE_MS)
+    before = float(page.evaluate("document.getElementById('job-progress').value"))
+    assert before > 0
+    page.reload()
+    # The same job, followed again from the last event this tab saw (Last-Event-ID).
+    expect(page.locator("#job-id")).to_have_text(job)
+    expect(page.locator("#job-connection")).to_have_text("resumed")
+    assert float(page.evaluate("document.getElementById('job-progress').value")) >= before
+    page.screenshot(path=artifacts / "04-resumed.png", full_page=True)
+    wait_status(page, "completed")
+    assert video_plays(page) > 0
+
+
+def test_history_pages_filters_and_shows_cached_jobs(console: Page, console_stack: ConsoleStack,
+                                                     artifacts: Path) -> None:
+    stack = console_stack
+    first = submit_via_api(stack, "carol", seed="5", numFrames="4")
+    wait_api(stack, "carol", first, lambda s: s["status"] == "completed")
+    # The same request with a fixed seed completes at once from the first job's outputs.
+    cached = [submit_via_api(stack, "carol", seed="5", numFrames="4") for _ in range(11)]
+    assert all(api_status(stack, "carol", job)["cached"] for job in cached)
+    page = console
+    sign_in(page, stack, "carol")
+    page.get_by_role("tab", name="History").click()
+    items = page.locator("#history li")
+    expect(items).to_have_count(10)
+    expect(page.locator("#history li .badge", has_text="cached")).to_have_count(10)
+    page.get_by_role("button", name="More").click()
+    expect(items).to_have_count(12)
+    expect(page.get_by_role("button", name="More")).to_be_hidden()
+    ids = items.evaluate_all("items => items.map(i => i.dataset.jobId)")
+    assert ids[-1] == first and set(ids) == {first, *cached}  # newest first, each job once
+    expect(page.locator(f'#history li[data-job-id="{cached[0]}"] img')).to_have_attribute("src", ANY_URL)
+    page.screenshot(path=artifacts / "05-history.png", full_page=True)
+    page.get_by_label("Status").select_option("error")
+    expect(page.locator("#history-empty")).to_be_visible()
+    expect(items).to_have_count(0)
+
+
+def test_retry_a_failed_job_from_the_history(console: Page, console_stack: ConsoleStack, tmp_path: Path,
+                                             artifacts: Path) -> None:
+    page = console
+    sign_in(page, console_stack, "alice")
+    choose_image(page, tmp_path)
+    page.locator("#advanced summary").click()
+    page.get_by_label("Provider").select_option("runway")  # its tasks fail on this stack
+    page.get_by_role("button", name="Animate", exact=True).click()
+    failed = job_id(page)
+    wait_status(page, "error")
+    message = api_status(console_stack, "alice", failed)["error"]["message"]
+    expect(page.locator("#job-error")).to_contain_text(message)
+    page.get_by_role("tab", name="History").click()
+    page.get_by_label("Status").select_option("error")
+    page.get_by_role("button", name=f"Retry job {failed}").click()
+    expect(page.locator("#job-id")).not_to_have_text(failed)
+    retried = job_id(page)
+    assert api_status(console_stack, "alice", retried)["retryOf"] == failed
+    page.screenshot(path=artifacts / "06-retried.png", full_page=True)
+
+
+def test_a_bad_image_is_refused_with_the_apis_message(console: Page, console_stack: ConsoleStack,
+                                                       tmp_path: Path, artifacts: Path) -> None:
+    junk = b"this is not an image, whatever its name says"
+    with console_stack.client("alice") as client:
+        refused = client.post("/api/v1/animate-image", files={"image": ("bad.png", junk, "image/png")})
+    assert refused.status_code in (415, 422)
+    page = console
+    sign_in(page, console_stack, "alice")
+    choose_image(page, tmp_path, junk, "bad.png")
+    page.get_by_role("button", name="Animate", exact=True).click()
+    expect(page.locator("#error")).to_have_text(refused.json()["detail"])
+    expect(page.locator("#error")).to_have_attribute("data-code", refused.json()["code"])
+    page.screenshot(path=artifacts / "07-refused.png", full_page=True)
+
+
+def test_the_operator_view_shows_a_dead_letter(console: Page, console_stack: ConsoleStack, artifacts: Path) -> None:
+    failed = submit_via_api(console_stack, "bob", provider="runway")
+    wait_api(console_stack, "bob", failed, lambda s: s["status"] == "error")
+    page = console
+    sign_in(page, console_stack, "alice")
+    expect(page.get_by_role("tab", name="Operator")).to_be_hidden()  # alice's key lacks `admin`
+    sign_in(page, console_stack, "ops")
+    page.get_by_role("tab", name="Operator").click()
+    expect(page.locator("#overview")).to_contain_text("Queue depth")
+    expect(page.locator("#overview")).to_contain_text("Spend this month")
+    letter = page.locator(f'#dead-letters li[data-job-id="{failed}"]')
+    expect(letter).to_contain_text("bob-")
+    page.screenshot(path=artifacts / "08-operator.png", full_page=True)
+    letter.get_by_role("button", name=f"Retry job {failed}").click()
+    expect(letter).to_contain_text("retried as")
+    with console_stack.client("bob") as client:
+        mine = client.get("/api/v1/animate-image", params={"limit": 5}).json()["jobs"]
+    assert any(job["retryOf"] == failed for job in mine)  # the new job is bob's
+
+
+def test_a_second_owner_sees_none_of_the_first_owners_jobs(console: Page, console_stack: ConsoleStack) -> None:
+    alices = submit_via_api(console_stack, "alice", numFrames="2", numInferenceSteps="1")
+    with console_stack.client("alice") as client:
+        alice_ids = {job["jobId"] for job in client.get("/api/v1/animate-image", params={"limit": 100}).json()["jobs"]}
+    assert alices in alice_ids
+    page = console
+    sign_in(page, console_stack, "alice")
+    page.evaluate(f"sessionStorage.setItem('svd.currentJob', JSON.stringify({{jobId: '{alices}'}}))")
+    page.reload()
+    expect(page.locator("#job-id")).to_have_text(alices)
+    # Bob in the same tab: the key is replaced, alice's job is forgotten.
+    page.get_by_label("API key").fill(console_stack.keys["bob"])
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#identity")).to_contain_text("Owner bob-")
+    expect(page.locator("#job")).to_be_hidden()
+    page.get_by_role("tab", name="History").click()
+    expect(page.locator("#history-empty, #history li").first).to_be_visible()
+    assert not alice_ids & set(page.locator("#history li").evaluate_all("items => items.map(i => i.dataset.jobId)"))
+    # Opening alice's job by id answers bob as if it did not exist.
+    page.evaluate(f"sessionStorage.setItem('svd.currentJob', JSON.stringify({{jobId: '{alices}'}}))")
+    page.reload()
+    expect(page.locator("#error")).to_contain_text("was not found")
+    expect(page.locator("#job")).to_be_hidden()
+
+
+def test_form_details_double_click_code_labels_and_phone_width(console: Page, console_stack: ConsoleStack,
+                                                                tmp_path: Path, artifacts: Path) -> None:
+    page = console
+    sign_in(page, console_stack, "carol")
+    unlabeled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button')]
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+        .map(e => e.id || e.outerHTML)""")
+    assert unlabeled == []
+    choose_image(page, tmp_path)
+    page.get_by_role("button", name="Random").click()
+    seed = page.locator("#seed").input_value()
+    assert seed.isdigit()
+    page.get_by_role("button", name="curl").click()
+    code = page.locator("#code").inner_text()
+    key = console_stack.keys["carol"]
+    assert key not in code and key[:8] + "…" in code and "$SVD_SERVE_API_KEY" in code
+    assert f"-F 'seed={seed}'" in code and "-F image=@'photo.png'" in code
+    page.get_by_role("button", name="Python").click()
+    assert key not in page.locator("#code").inner_text()
+    with console_stack.client("carol") as client:
+        before = len(client.get("/api/v1/animate-image", params={"limit": 100}).json()["jobs"])
+        page.get_by_role("button", name="Animate", exact=True).dblclick()
+        job_id(page)
+        after = client.get("/api/v1/animate-image", params={"limit": 100}).json()["jobs"]
+    assert len(after) == before + 1  # a double click makes one job
+    # Keyboard: the tabs move with the arrow keys.
+    page.get_by_role("tab", name="Animate").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("tab", name="History")).to_be_focused()
+    expect(page.get_by_role("tab", name="History")).to_have_attribute("aria-selected", "true")
+    page.keyboard.press("ArrowLeft")
+    # Phone width: nothing wider than the screen.
+    page.set_viewport_size({"width": 390, "height": 844})
+    too_wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
+        .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
+        .map(e => e.id || e.tagName + '.' + e.className)""")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, too_wide
+    page.screenshot(path=artifacts / "09-phone.png", full_page=True)

@@ -23,7 +23,7 @@ export class JobView {
     }));
     $("job-retry").addEventListener("click", guarded(async () => {
       const { body } = await api.retry(this.jobId);
-      this.open(body.jobId);
+      this.open(body.jobId).catch(showError);
       this.onChanged?.();
     }));
     $("again").addEventListener("click", () => this.onAgain(this.status.params.seed, this.status.params));
@@ -32,7 +32,7 @@ export class JobView {
   /** Resume the job this tab was following before a reload, if any. */
   resume() {
     const saved = JSON.parse(sessionStorage.getItem(CURRENT) || "null");
-    if (saved?.jobId) this.open(saved.jobId, saved.lastEventId);
+    if (saved?.jobId) this.open(saved.jobId, saved.lastEventId).catch(showError);
   }
 
   forget() {
