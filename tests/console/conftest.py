@@ -25,6 +25,7 @@ from tests.s3_server import running_s3_server
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (.ci/run installs it); Playwright downloads nothing here
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+WEBHOOK_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD3CUf1w/Iw6s="  # a test secret, nothing else
 # Screenshots of each step, kept as test artifacts (gitignored).
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
 
@@ -39,7 +40,8 @@ class ConsoleStack:
                             timeout=30)
 
 
-@pytest.fixture(scope="session")
+# Package scope: the stack (with its own local Ray) is stopped before tests/e2e starts its own.
+@pytest.fixture(scope="package")
 def console_stack(pg_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleStack]:
     data_dir = tmp_path_factory.mktemp("console-data")
     prefix = f"con{uuid.uuid4().hex[:8]}"
@@ -69,6 +71,10 @@ def console_stack(pg_database_url: str, tmp_path_factory: pytest.TempPathFactory
             "SVD_SERVE_RUNWAY_POLL_MAX_INTERVAL_S": "0.5",
             "SVD_SERVE_RAY_NUM_CPUS": "2",
             "SVD_SERVE_PORT": str(port),
+            # Webhooks to a receiver on loopback (signed, polled often).
+            "SVD_SERVE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+            "SVD_SERVE_ALLOW_PRIVATE_URLS": "true",
+            "SVD_SERVE_WEBHOOK_POLL_INTERVAL_S": "0.1",
             "SVD_SERVE_RATE_LIMIT_PER_S": "0",  # a browser page makes many calls; limits are tested elsewhere
             "RAY_USAGE_STATS_ENABLED": "0",
         }
@@ -115,6 +121,7 @@ def artifacts() -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_url(console_stack: ConsoleStack) -> str:
-    """Overrides pytest-base-url's fixture (an instance-method fixture that pytest 9 warns about)."""
-    return console_stack.base_url
+def base_url() -> None:
+    """Replaces pytest-base-url's fixture (an instance-method fixture that pytest 9 warns about);
+    the tests use absolute URLs."""
+    return None

@@ -16,6 +16,7 @@ from PIL import Image
 from playwright.sync_api import ConsoleMessage, Page, expect
 
 from tests.console.conftest import ConsoleStack
+from tests.e2e.test_up import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -336,3 +337,27 @@ def test_form_details_double_click_code_labels_and_phone_width(console: Page, co
         .map(e => e.id || e.tagName + '.' + e.className)""")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390, too_wide
     page.screenshot(path=artifacts / "09-phone.png", full_page=True)
+
+
+def test_webhook_deliveries_are_listed_and_replayed(console: Page, console_stack: ConsoleStack, tmp_path: Path) -> None:
+    receiver = Receiver()
+    try:
+        page = console
+        sign_in(page, console_stack, "alice")
+        choose_image(page, tmp_path)
+        page.locator("#advanced summary").click()
+        page.get_by_label("Webhook URL").fill(receiver.url)
+        page.get_by_role("button", name="Animate", exact=True).click()
+        wait_status(page, "completed")
+        assert receiver.got_one.wait(timeout=JOB_DEADLINE_MS / 1000), "no webhook arrived"
+        deliveries = page.locator("#webhooks li")
+        # The list is read when the result shows; the delivery may still be pending then.
+        expect(deliveries.first).to_contain_text("job.completed")
+        page.get_by_role("button", name="Replay").first.click()
+        deadline = time.monotonic() + JOB_DEADLINE_MS / 1000
+        while len(receiver.bodies) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # waiting for the replayed delivery, bounded by the deadline
+        assert len(receiver.bodies) >= 2 and receiver.bodies[-1] == receiver.bodies[0]
+        expect(page.locator("#error")).to_be_hidden()
+    finally:
+        receiver.close()
