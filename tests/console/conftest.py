@@ -34,6 +34,7 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
 class ConsoleStack:
     base_url: str
     keys: dict[str, str]  # owner -> API key (`ops` has the admin scope)
+    env: dict[str, str]  # the processes' environment
 
     def client(self, owner: str) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.keys[owner]}"},
@@ -99,7 +100,7 @@ def console_stack(pg_database_url: str, tmp_path_factory: pytest.TempPathFactory
 
             wait_for(ready, 60, "ingress", procs)
             wait_for(lambda: b"svd-serve worker ready" in worker_log.read_bytes(), 240, "worker", procs)
-            yield ConsoleStack(base_url=base, keys=keys)
+            yield ConsoleStack(base_url=base, keys=keys, env=env)
         finally:
             stop(procs)
             if any(p.returncode not in (0, -15) for p in procs):

@@ -4,13 +4,17 @@ for a job state) with a generous deadline; screenshots of each step go to test-a
 
 from __future__ import annotations
 
+import base64
 import io
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 from playwright.sync_api import ConsoleMessage, Page, expect
@@ -299,6 +303,18 @@ def test_a_second_owner_sees_none_of_the_first_owners_jobs(console: Page, consol
     expect(page.locator("#job")).to_be_hidden()
 
 
+DELIVER_IMAGE = """({how, b64}) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+    if (how === 'drop') {
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true}));
+    } else {
+        document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true}));
+    }
+}"""
+
+
 def test_form_details_double_click_code_labels_and_phone_width(console: Page, console_stack: ConsoleStack,
                                                                 tmp_path: Path, artifacts: Path) -> None:
     page = console
@@ -318,6 +334,17 @@ def test_form_details_double_click_code_labels_and_phone_width(console: Page, co
     assert f"-F 'seed={seed}'" in code and "-F image=@'photo.png'" in code
     page.get_by_role("button", name="Python").click()
     assert key not in page.locator("#code").inner_text()
+    # A value out of range: the estimate says why, in the API's words, before anything is sent.
+    page.locator("#numFrames").fill("999")
+    expect(page.locator("#estimate")).to_contain_text("`numFrames` must be between 2 and 16")
+    page.locator("#numFrames").fill("4")
+    expect(page.locator("#estimate")).to_contain_text("Estimated cost")
+    # Drop and paste deliver the image like the file picker.
+    for how in ("drop", "paste"):
+        page.evaluate(DELIVER_IMAGE, {"how": how, "b64": base64.b64encode(png_bytes(size=(80, 48))).decode()})
+        expect(page.locator("#preview-caption")).to_contain_text("80×48")
+        page.evaluate(DELIVER_IMAGE, {"how": how, "b64": base64.b64encode(png_bytes(size=(96, 64))).decode()})
+        expect(page.locator("#preview-caption")).to_contain_text("96×64")
     with console_stack.client("carol") as client:
         before = len(client.get("/api/v1/animate-image", params={"limit": 100}).json()["jobs"])
         page.get_by_role("button", name="Animate", exact=True).dblclick()
@@ -361,3 +388,30 @@ def test_webhook_deliveries_are_listed_and_replayed(console: Page, console_stack
         expect(page.locator("#error")).to_be_hidden()
     finally:
         receiver.close()
+
+
+def test_development_mode_needs_no_key(console: Page, console_stack: ConsoleStack) -> None:
+    """An ingress with authentication disabled (development only): the console says so and works."""
+    from serving.local_stack import free_port
+    from tests.e2e.conftest import stop, wait_for
+
+    port = free_port()
+    env = {**console_stack.env, "SVD_SERVE_AUTH_DISABLED": "true", "SVD_SERVE_API_KEYS": "",
+           "SVD_SERVE_PORT": str(port)}
+    api = subprocess.Popen([sys.executable, "-m", "serving.cli", "api"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 60, "ingress without auth", [api])
+        page = console
+        page.goto(f"{base}/console/")
+        expect(page.locator("#identity")).to_contain_text("Development mode: authentication is disabled")
+        expect(page.get_by_role("tab", name="Operator")).to_be_visible()  # every scope, owner local
+        expect(page.locator("#estimate")).to_contain_text("Estimated cost")
+    finally:
+        stop([api])

@@ -198,3 +198,19 @@ async def test_the_policy_names_the_s3_endpoint_and_the_cdn() -> None:
     assert "media-src 'self' blob: https://video.example.com http://minio.internal:9000;" in s3
     aws = console_csp(Settings(storage_backend="s3", cdn_base_url="https://cdn.example.com/v/"))
     assert "https://cdn.example.com https://*.amazonaws.com" in aws
+
+
+async def test_the_new_endpoints_are_in_the_openapi_document(ingress: Ingress) -> None:
+    spec = (await ingress.client.get("/openapi.json")).json()
+    operations = {
+        ("get", "/api/v1/me"): "getMe",
+        ("post", "/api/v1/estimate"): "estimateCost",
+        ("get", "/api/v1/admin/overview"): "getAdminOverview",
+    }
+    for (method, path), operation_id in operations.items():
+        operation = spec["paths"][path][method]
+        assert operation["operationId"] == operation_id
+        assert operation["security"] == [{"ApiKey": []}]
+    estimate_body = spec["paths"]["/api/v1/estimate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "numFrames" in estimate_body["properties"] and "imageUrl" not in estimate_body["properties"]
+    assert "/console" not in spec["paths"] and "/" not in spec["paths"]
