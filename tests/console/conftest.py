@@ -35,10 +35,23 @@ class ConsoleStack:
     base_url: str
     keys: dict[str, str]  # owner -> API key (`ops` has the admin scope)
     env: dict[str, str]  # the processes' environment
+    procs: list[subprocess.Popen[bytes]]  # [worker, api]
 
     def client(self, owner: str) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.keys[owner]}"},
                             timeout=30)
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def restart_api(self) -> None:
+        """Stop the ingress (every open event stream drops) and start it again on the same port."""
+        stop([self.procs[1]])
+        self.procs[1] = subprocess.Popen([sys.executable, "-m", "serving.cli", "api"], env=self.env)
+        wait_for(self.ready, 60, "ingress", self.procs)
 
 
 # Package scope: the stack (with its own local Ray) is stopped before tests/e2e starts its own.
@@ -90,17 +103,10 @@ def console_stack(pg_database_url: str, tmp_path_factory: pytest.TempPathFactory
             with worker_log.open("wb") as log:
                 procs.append(subprocess.Popen([*exe, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT))
             procs.append(subprocess.Popen([*exe, "api"], env=env))
-            base = f"http://127.0.0.1:{port}"
-
-            def ready() -> bool:
-                try:
-                    return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_for(ready, 60, "ingress", procs)
+            stack = ConsoleStack(base_url=f"http://127.0.0.1:{port}", keys=keys, env=env, procs=procs)
+            wait_for(stack.ready, 60, "ingress", procs)
             wait_for(lambda: b"svd-serve worker ready" in worker_log.read_bytes(), 240, "worker", procs)
-            yield ConsoleStack(base_url=base, keys=keys, env=env)
+            yield stack
         finally:
             stop(procs)
             if any(p.returncode not in (0, -15) for p in procs):

@@ -196,6 +196,26 @@ def test_reload_mid_job_resumes_its_events(console: Page, console_stack: Console
     assert video_plays(page) > 0
 
 
+def test_a_dropped_event_stream_resumes_where_it_stopped(console: Page, console_stack: ConsoleStack,
+                                                         tmp_path: Path) -> None:
+    page = console
+    sign_in(page, console_stack, "alice")
+    choose_image(page, tmp_path)
+    set_advanced(page, numInferenceSteps=50, width=256, height=256)
+    sample_progress(page)
+    page.get_by_role("button", name="Animate", exact=True).click()
+    job = job_id(page)
+    expect(page.locator("#job-steps")).to_contain_text("Step", timeout=JOB_DEADLINE_MS)
+    expect(page.locator("#job-connection")).to_have_text("connected")
+    console_stack.restart_api()  # the ingress goes away: the stream drops, the job runs on
+    expect(page.locator("#job-connection")).to_have_text(re.compile("resumed|closed"), timeout=STEP_MS)
+    wait_status(page, "completed")
+    seen: list[float] = page.evaluate("window.progressSeen")
+    assert seen == sorted(seen) and seen[-1] == 1
+    assert api_status(console_stack, "alice", job)["status"] == "completed"
+    assert video_plays(page) > 0
+
+
 def test_history_pages_filters_and_shows_cached_jobs(console: Page, console_stack: ConsoleStack,
                                                      artifacts: Path) -> None:
     stack = console_stack
