@@ -435,3 +435,21 @@ def test_development_mode_needs_no_key(console: Page, console_stack: ConsoleStac
         expect(page.locator("#estimate")).to_contain_text("Estimated cost")
     finally:
         stop([api])
+
+
+def test_submit_by_url_with_a_preview(console: Page, console_stack: ConsoleStack) -> None:
+    """An image URL: previewed (the CSP allows images from the storage origin and https), fetched
+    by the ingress, animated. The URL is a finished job's thumbnail on the S3 endpoint."""
+    source = submit_via_api(console_stack, "carol", numFrames="2", numInferenceSteps="1")
+    thumbnail = wait_api(console_stack, "carol", source, lambda s: s["status"] == "completed")["thumbnailUrl"]
+    page = console
+    sign_in(page, console_stack, "carol")
+    page.get_by_label("or URL").fill(thumbnail)
+    expect(page.locator("#preview-caption")).to_contain_text("×")
+    expect(page.locator("#preview-caption")).not_to_contain_text("no preview")
+    page.get_by_role("button", name="curl").click()
+    assert '"imageUrl":' in page.locator("#code").inner_text()
+    page.get_by_role("button", name="Animate", exact=True).click()
+    job = job_id(page)
+    wait_status(page, "completed")
+    assert api_status(console_stack, "carol", job)["status"] == "completed"
