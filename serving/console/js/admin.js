@@ -16,6 +16,7 @@ export class Operator {
   }
 
   async reload() {
+    this.generation = (this.generation || 0) + 1; // answers to earlier reloads are dropped
     await this.overview();
     this.cursor = null;
     $("dead-letters").replaceChildren();
@@ -42,7 +43,9 @@ export class Operator {
   async deadLetters() {
     const params = { limit: 20 };
     if (this.cursor) params.cursor = this.cursor;
+    const generation = this.generation;
     const { body } = await api.deadLetters(params);
+    if (generation !== this.generation) return;
     $("dead-letters").append(...body.jobs.map((job) => el("li", { dataset: { jobId: job.jobId } },
       el("span", { className: "status error", text: "error" }),
       el("code", { text: job.jobId.slice(0, 8) }),

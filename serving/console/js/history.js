@@ -18,17 +18,20 @@ export class History {
   }
 
   async reload() {
+    this.generation = (this.generation || 0) + 1; // answers to earlier reloads are dropped
     this.cursor = null;
     $("history").replaceChildren();
     await this.page();
   }
 
   async page() {
+    const generation = this.generation;
     const params = { limit: PAGE_SIZE };
     if (this.cursor) params.cursor = this.cursor;
     const status = $("history-status").value;
     if (status) params.status = status;
     const { body } = await api.list(params);
+    if (generation !== this.generation) return;
     $("history").append(...body.jobs.map((job) => this.item(job)));
     this.cursor = body.nextCursor;
     $("history-more").hidden = !body.nextCursor;

@@ -6,6 +6,7 @@ import { $, el, fromNow, guarded, showError, usd, when } from "./util.js";
 
 const CURRENT = "svd.currentJob"; // {jobId, lastEventId} in sessionStorage: a reload resumes
 const TERMINAL = new Set(["completed", "error", "canceled"]);
+const WEBHOOK_LOOKS = 8; // reads of the delivery list after a job ends, 2 s apart
 
 export class JobView {
   constructor({ onAgain, onChanged }) {
@@ -141,9 +142,16 @@ export class JobView {
     await this.showWebhooks();
   }
 
-  async showWebhooks() {
+  async showWebhooks(tries = WEBHOOK_LOOKS) {
+    const jobId = this.jobId;
     const list = $("webhooks");
-    const { body } = await api.webhooks(this.jobId);
+    const { body } = await api.webhooks(jobId);
+    if (jobId !== this.jobId) return;
+    // Deliveries are recorded and sent after the job ends: look again while one may still come.
+    clearTimeout(this.webhookTimer);
+    if (tries > 1 && (!body.deliveries.length || body.deliveries.some((d) => d.status === "pending"))) {
+      this.webhookTimer = setTimeout(() => this.showWebhooks(tries - 1).catch(showError), 2000);
+    }
     if (!body.deliveries.length) {
       list.replaceChildren(el("li", { text: "No webhook for this job." }));
       return;
