@@ -207,7 +207,8 @@ def test_a_dropped_event_stream_resumes_where_it_stopped(console: Page, console_
     job = job_id(page)
     expect(page.locator("#job-steps")).to_contain_text("Step", timeout=JOB_DEADLINE_MS)
     expect(page.locator("#job-connection")).to_have_text("connected")
-    console_stack.restart_api()  # the ingress goes away: the stream drops, the job runs on
+    console_stack.restart_api()  # the ingress dies: the stream drops, the job runs on in the worker
+    # Only a new connection can deliver what follows ("closed": it came with the terminal event).
     expect(page.locator("#job-connection")).to_have_text(re.compile("resumed|closed"), timeout=STEP_MS)
     wait_status(page, "completed")
     seen: list[float] = page.evaluate("window.progressSeen")
