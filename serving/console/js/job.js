@@ -6,6 +6,7 @@ import { $, el, fromNow, guarded, showError, usd, when } from "./util.js";
 
 const CURRENT = "svd.currentJob"; // {jobId, lastEventId} in sessionStorage: a reload resumes
 const TERMINAL = new Set(["completed", "error", "canceled"]);
+const QUEUED_REFRESH_MS = 3000;
 const WEBHOOK_LOOKS = 8; // reads of the delivery list after a job ends, 2 s apart
 
 export class JobView {
@@ -61,13 +62,23 @@ export class JobView {
       throw error;
     }
     if (TERMINAL.has(this.status.status)) return this.finish();
-    const ended = await followEvents(jobId, {
-      lastEventId,
-      signal: abort.signal,
-      onId: (id) => this.saveId(id),
-      onConnection: (state) => { $("job-connection").textContent = state; },
-      onEvent: (type, data) => this.event(type, data),
-    });
+    // While it waits, the queue position and expected start move without events: read them.
+    const waiting = setInterval(() => {
+      if (this.status?.status !== "queued" || abort.signal.aborted) return;
+      api.status(jobId).then(({ body }) => { if (!abort.signal.aborted) this.render(body); }).catch(() => {});
+    }, QUEUED_REFRESH_MS);
+    let ended;
+    try {
+      ended = await followEvents(jobId, {
+        lastEventId,
+        signal: abort.signal,
+        onId: (id) => this.saveId(id),
+        onConnection: (state) => { $("job-connection").textContent = state; },
+        onEvent: (type, data) => this.event(type, data),
+      });
+    } finally {
+      clearInterval(waiting);
+    }
     if (ended && !abort.signal.aborted) await this.finish();
   }
 
