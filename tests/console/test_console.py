@@ -454,3 +454,24 @@ def test_submit_by_url_with_a_preview(console: Page, console_stack: ConsoleStack
     job = job_id(page)
     wait_status(page, "completed")
     assert api_status(console_stack, "carol", job)["status"] == "completed"
+
+
+def test_a_waiting_job_shows_its_queue_position_and_expected_start(console: Page, console_stack: ConsoleStack,
+                                                                    tmp_path: Path) -> None:
+    # One dispatcher slot (the default): a long job in front keeps the next one waiting.
+    blocker = submit_via_api(console_stack, "carol", numInferenceSteps="50", width="256", height="256")
+    wait_api(console_stack, "carol", blocker, lambda s: s["status"] == "processing")
+    page = console
+    sign_in(page, console_stack, "alice")
+    choose_image(page, tmp_path)
+    page.get_by_role("button", name="Animate", exact=True).click()
+    job = job_id(page)
+    wait_status(page, "queued", timeout_ms=STEP_MS)
+    expect(page.locator("#job-queue")).to_have_text("0")  # next in line
+    # The expected start, when the queue has measured its drain rate (the API's estimatedStartAt).
+    eta = api_status(console_stack, "alice", job)["estimatedStartAt"]
+    expect(page.locator("#job-eta")).to_have_text(re.compile(r"^(in \d+ (s|min)|now)$") if eta else "–")
+    with console_stack.client("carol") as client:
+        client.delete(f"/api/v1/animate-image/{blocker}")
+    wait_status(page, "completed")
+    expect(page.locator("#job-queue")).to_have_text("–")
