@@ -187,12 +187,13 @@ class CostLedger:
             rows = (await session.execute(stmt)).all()
         return {owner: float(total or 0.0) for owner, total in rows}
 
-    async def month_total(self, owner_id: str, now: dt.datetime | None = None) -> float:
-        """USD of the owner's jobs that ended in the current UTC month (failed ones included)."""
+    async def month_total(self, owner_id: str | None, now: dt.datetime | None = None) -> float:
+        """USD of the owner's jobs (every owner's with None) that ended in the current UTC month
+        (failed ones included)."""
         now = now or dt.datetime.now(dt.timezone.utc)
-        stmt = select(func.coalesce(func.sum(jobs.c.cost_usd), 0.0)).where(
-            jobs.c.owner_id == owner_id, jobs.c.completed_at >= month_start(now)
-        )
+        stmt = select(func.coalesce(func.sum(jobs.c.cost_usd), 0.0)).where(jobs.c.completed_at >= month_start(now))
+        if owner_id is not None:
+            stmt = stmt.where(jobs.c.owner_id == owner_id)
         async with self._sessions() as session:
             return float(await session.scalar(stmt) or 0.0)
 
@@ -254,8 +255,12 @@ class Budgets:
         self._default = settings.budget_monthly_usd
         self._overrides = parse_owner_budgets(settings.owner_budgets_usd)
         self._soft_fraction = settings.budget_soft_fraction
-        self.ledger = ledger
+        self._ledger = ledger
         self._alerts = alerts  # told when an owner reaches a limit (the `budget.threshold` webhook)
+
+    @property
+    def ledger(self) -> CostLedger:
+        return self._ledger
 
     def budget_for(self, owner_id: str) -> float:
         return self._overrides.get(owner_id, self._default)

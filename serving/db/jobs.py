@@ -214,9 +214,10 @@ class JobRepository:
             row = (await session.execute(stmt)).mappings().first()
         return None if row is None else _record(row)
 
-    async def owned(self, job_id: str | uuid.UUID, owner_id: str) -> JobRecord:
+    async def owned(self, job_id: str | uuid.UUID, owner_id: str | None) -> JobRecord:
         """The owner's job, or 404: another owner's job, a malformed id and a missing job all
-        answer the same, so an id says nothing about jobs the caller may not see."""
+        answer the same, so an id says nothing about jobs the caller may not see. `None`: any
+        owner's (an admin's view)."""
         record = await self.get(job_id, owner_id=owner_id)
         if record is None:
             raise NotFound(f"Job {job_id} was not found.")

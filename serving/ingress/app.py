@@ -16,7 +16,9 @@ from serving.db.migrate import check_migrated
 from serving.ingress.deps import Services
 from serving.ingress.operation_ids import operation_id
 from serving.ingress.problems import install_problem_docs, install_problem_handlers
+from serving.ingress.routes_account import router as account_router
 from serving.ingress.routes_admin import router as admin_router
+from serving.ingress.routes_console import install_console
 from serving.ingress.routes_events import router as events_router
 from serving.ingress.routes_jobs import router as jobs_router
 from serving.ingress.routes_system import router as system_router
@@ -113,4 +115,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(provider_webhooks_router)
     app.include_router(admin_router)
     app.include_router(usage_router)
+    app.include_router(account_router)
+    install_console(app)
     return app

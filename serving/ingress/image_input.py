@@ -257,3 +257,31 @@ def submission_request_body() -> dict[str, Any]:
             "application/json": {"schema": as_json},
         },
     }
+
+
+async def read_options(request: Request) -> AnimateOptions:
+    """The fields of a submission without its image, as a JSON object (the estimate endpoint);
+    an empty body means every default. Parsed exactly as a submission's fields are."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await request.body()
+    if not raw.strip():
+        return AnimateOptions()
+    if content_type != "application/json":
+        raise UnsupportedMediaType(f"Content-Type {content_type or 'none'} is not supported; use application/json.")
+    payload = strict_loads(raw, "The body")  # duplicate keys, NaN, depth: refused as for a submission
+    if not isinstance(payload, dict):
+        raise InvalidInput("The JSON body must be an object.", code="invalid_json")
+    try:
+        # JSON types as declared (`"cache": 0` is not a boolean), as the OpenAPI document says.
+        options = AnimateOptions.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise InvalidInput(_validation_message(exc), code="invalid_input") from exc
+    check_storable(options)
+    check_metadata(options.metadata)
+    return options
+
+
+def options_request_body() -> dict[str, Any]:
+    """The OpenAPI `requestBody` of the estimate: a submission's fields, no image."""
+    schema = _inline_defs(AnimateOptions.model_json_schema(by_alias=True))
+    return {"required": False, "content": {"application/json": {"schema": schema}}}

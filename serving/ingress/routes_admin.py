@@ -8,7 +8,9 @@ from fastapi import APIRouter, Query
 
 from serving.db.jobs import JobRecord
 from serving.ingress.deps import AdminDep, PageLimit, QueryText, ServicesDep
-from serving.ingress.schemas import DeadLetterEntry, DeadLetterResponse, ErrorInfo
+from serving.ingress.overview import summarise
+from serving.ingress.schemas import AdminOverview, DeadLetterEntry, DeadLetterResponse, ErrorInfo
+from serving.observability.exporter import shared_families
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
@@ -42,3 +44,13 @@ async def dead_letter(
     permanent failure), newest first; `POST /api/v1/animate-image/{jobId}/retry` re-runs one."""
     records, next_cursor = await services.jobs.list_dead_letters(limit=limit, cursor=cursor, owner_id=owner)
     return DeadLetterResponse(jobs=[_entry(r) for r in records], next_cursor=next_cursor)
+
+
+@router.get("/overview", response_model=AdminOverview, response_model_by_alias=True, operation_id="getAdminOverview",
+            responses={401: {"description": "Missing or invalid API key"},
+                       403: {"description": "The API key lacks the admin scope"}})
+async def overview(services: ServicesDep, _admin: AdminDep) -> AdminOverview:
+    """Queue depth and oldest wait per priority, Generators wanted/running, provider breakers,
+    error rate: the aggregates `/metrics` exports from Redis, as JSON; and this month's spend."""
+    families = await shared_families(services.redis, services.queue, services.keys)
+    return summarise(families, await services.budgets.ledger.month_total(None))

@@ -15,6 +15,7 @@ from serving.ingress.deps import (
     JobIdPath,
     OwnerDep,
     PageLimit,
+    PrincipalDep,
     Services,
     ServicesDep,
     SubmitOwnerDep,
@@ -24,6 +25,7 @@ from serving.ingress.schemas import AcceptedResponse, JobListResponse, JobStatus
 from serving.ingress.submission import cancel_job, retry_job, submit_job
 from serving.ingress.views import job_view
 from serving.metrics import CANCELS, SUBMISSIONS
+from serving.security.scopes import Scope
 from serving.types import JobStatus
 
 router = APIRouter(prefix="/api/v1/animate-image", tags=["jobs"])
@@ -123,10 +125,12 @@ async def cancel(services: ServicesDep, owner: SubmitOwnerDep, job_id: JobIdPath
 @router.post("/{job_id}/retry", operation_id="retryJob", status_code=202, response_model=AcceptedResponse,
              responses={**READ_PROBLEMS, 409: {"description": "The job has not failed (problem+json)"}})
 async def retry(
-    services: ServicesDep, owner: SubmitOwnerDep, admission: JobAdmissionDep, job_id: JobIdPath
+    services: ServicesDep, owner: SubmitOwnerDep, admission: JobAdmissionDep, job_id: JobIdPath,
+    principal: PrincipalDep,
 ) -> JSONResponse:
     """Re-run a job that ended in `error` (a dead letter) or was canceled, as a new job with the
-    same input and parameters; answers 202 with the new job's id (its status has `retryOf`)."""
-    record = await retry_job(services, owner, job_id)
+    same input and parameters; answers 202 with the new job's id (its status has `retryOf`).
+    A key with the `admin` scope may retry any owner's job (the new job is that owner's)."""
+    record = await retry_job(services, owner, job_id, any_owner=Scope.ADMIN in principal.scopes)
     admission.accepted(True)
     return _accepted(services, record, status_code=202)

@@ -14,7 +14,8 @@ from serving.db.migrate import check_migrated
 from serving.errors import NotFound, SvdServeError
 from serving.ingress.deps import OwnerDep, Services, ServicesDep
 from serving.ingress.problems import problem
-from serving.ingress.schemas import ModelInfo, ModelListResponse
+from serving.ingress.catalog import model_info, request_limits
+from serving.ingress.schemas import ModelListResponse
 from serving.observability.exporter import render, shared_families
 from serving.observability.spend import spend_families
 from serving.storage import LocalStorage
@@ -73,24 +74,9 @@ async def metrics(services: ServicesDep) -> Response:
 
 @router.get("/api/v1/models", operation_id="listModels", response_model=ModelListResponse, response_model_by_alias=True, tags=["models"])
 async def models(services: ServicesDep, owner: OwnerDep) -> ModelListResponse:  # any key with `read`
-    infos = [
-        ModelInfo(
-            name=s.name,
-            hub_id=s.hub_id,
-            description=s.description,
-            random_weights=s.is_random,
-            native_width=s.native_width,
-            native_height=s.native_height,
-            default_num_frames=s.default_num_frames,
-            num_frames_range=(s.min_num_frames, s.max_num_frames),
-            default_steps=s.default_steps,
-            steps_range=(s.min_steps, s.max_steps),
-            size_range=(s.min_size, s.max_size),
-            default_fps=s.default_fps,
-        )
-        for s in list_specs()
-    ]
-    return ModelListResponse(models=infos, default=services.settings.default_model)
+    """Every model with its defaults and accepted ranges, and the choices all requests share."""
+    return ModelListResponse(models=[model_info(s) for s in list_specs()], default=services.settings.default_model,
+                             limits=request_limits(services.settings))
 
 
 @router.get("/files/{key:path}", tags=["files"], include_in_schema=False)

@@ -133,6 +133,8 @@ class JobListResponse(ApiModel):
 
 
 class ModelInfo(ApiModel):
+    """A model's defaults and accepted ranges: everything a form needs to offer valid values."""
+
     name: str
     hub_id: str | None
     description: str
@@ -144,12 +146,76 @@ class ModelInfo(ApiModel):
     default_steps: int
     steps_range: tuple[int, int]
     size_range: tuple[int, int]
+    size_multiple: int
     default_fps: int
+    fps_range: tuple[int, int]
+    default_motion_bucket_id: int
+    motion_bucket_id_range: tuple[int, int]
+    default_noise_aug_strength: float
+    noise_aug_strength_range: tuple[float, float]
+    default_min_guidance_scale: float
+    default_max_guidance_scale: float
+    guidance_scale_range: tuple[float, float]
+
+
+class RequestLimits(ApiModel):
+    """Choices and bounds shared by every model (`GET /api/v1/models`)."""
+
+    outputs: list[str]
+    default_outputs: list[str]
+    interpolate_fps_range: tuple[int, int]
+    max_output_frames: int
+    priorities: list[str]
+    default_priority: str
+    providers: list[str]
+    default_provider: str
+    seed_range: tuple[int, int]
+    max_upload_bytes: int
+    image_formats: list[str]
 
 
 class ModelListResponse(ApiModel):
     models: list[ModelInfo]
     default: str
+    limits: RequestLimits
+
+
+class MeResponse(ApiModel):
+    """Who the API key belongs to and what it may do."""
+
+    owner_id: str
+    scopes: list[str]
+    auth_disabled: bool  # development mode: no key is checked, every caller is owner `local`
+
+
+class EstimateResponse(ApiModel):
+    """What a submission with these fields would cost; nothing is created."""
+
+    provider: str
+    estimated_cost_usd: float
+    gpu_seconds: float | None = None
+    credits: float | None = None
+    params: dict[str, Any]  # the job's parameters with every default filled in (seed excluded)
+
+
+class GeneratorReplicas(ApiModel):
+    wanted: int | None
+    running: int | None
+
+
+class AdminOverview(ApiModel):
+    """A glance at the service for operators, from the Redis-held aggregates `/metrics` exports
+    and the jobs table (spend)."""
+
+    queue_depth: dict[str, int]  # per priority (`none`: jobs without one)
+    oldest_wait_s: dict[str, float]  # per priority
+    queue_states: dict[str, int]  # per BullMQ state
+    generators: GeneratorReplicas
+    breakers_open: dict[str, bool]  # per provider
+    jobs_finished: dict[str, int]  # per terminal status, since the counters began
+    error_rate: float | None  # errors / finished jobs, since the counters began
+    month_to_date_usd: float
+    metrics_available: bool  # false when Redis could not be read
 
 
 class UsageResponse(ApiModel):

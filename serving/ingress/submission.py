@@ -141,11 +141,14 @@ async def _accept_as(
     return record, True
 
 
-async def retry_job(services: Services, owner_id: str, job_id: str) -> JobRecord:
+async def retry_job(services: Services, owner_id: str, job_id: str, *, any_owner: bool = False) -> JobRecord:
     """Re-run a job that ended in `error` (or was canceled) as a new job with the same input and
-    parameters; the original keeps its one outcome and the new one points at it (`retryOf`)."""
+    parameters; the original keeps its one outcome and the new one points at it (`retryOf`).
+    With `any_owner` (an admin retrying a dead letter) the job may be another owner's; the new
+    job is that owner's, like the original."""
     lifecycle = services.lifecycle()
-    original = await services.jobs.owned(job_id, owner_id)
+    original = await services.jobs.owned(job_id, None if any_owner else owner_id)
+    owner_id = original.owner_id
     if original.status not in (JobStatus.ERROR, JobStatus.CANCELED):
         raise Conflict(
             f"Job {job_id} is {original.status.value}; only a failed or canceled job can be retried.",

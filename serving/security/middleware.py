@@ -7,6 +7,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import structlog
 from fastapi import FastAPI
@@ -25,6 +26,45 @@ FIELDS_ALLOWANCE_BYTES = 1024 * 1024
 RATE_LIMIT_STATE = "rate_limit_headers"
 
 
+# The pages the ingress serves itself (the landing page and the console) get a Content Security
+# Policy; API answers are JSON, and /docs loads Swagger UI from its CDN, so neither gets this one.
+PAGE_PATH_PREFIXES = ("/console",)
+
+
+def _origin(url: str | None) -> str | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else None
+
+
+def console_csp(settings: Settings) -> str:
+    """The console's policy: its own scripts and styles only, API calls to this origin only, no
+    inline code, no frames, no forms posted elsewhere. Videos and thumbnails come from where the
+    outputs are served (this ingress's signed /files URLs, the S3 endpoint or the CDN); an
+    image URL typed into the form is previewed as an https image (`img-src https:`), nothing more."""
+    media = ["'self'", "blob:"]
+    sources = [settings.resolved_public_base_url, settings.cdn_base_url]
+    if settings.storage_backend == "s3":
+        sources.append(settings.s3_endpoint_url or "https://*.amazonaws.com")
+    for origin in filter(None, map(_origin, sources)):
+        if origin not in media:
+            media.append(origin)
+    return "; ".join([
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        f"img-src {' '.join(media)} https:",
+        f"media-src {' '.join(media)}",
+        "connect-src 'self'",
+        "font-src 'none'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ])
+
+
 def request_id_of(scope: Scope) -> str | None:
     state = scope.get("state") or {}
     value = state.get("request_id")
@@ -36,8 +76,9 @@ class SecurityHeadersMiddleware:
     `X-Frame-Options: DENY`, `Referrer-Policy: no-referrer`; API answers are `no-store` (they
     carry signed URLs); rate-limit headers left in the request state by the auth dependency."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, page_csp: str | None = None) -> None:
         self.app = app
+        self.page_csp = page_csp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -47,7 +88,9 @@ class SecurityHeadersMiddleware:
         request_id = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        is_api = str(scope.get("path", "")).startswith("/api/")
+        path = str(scope.get("path", ""))
+        is_api = path.startswith("/api/")
+        is_page = path == "/" or path.startswith(PAGE_PATH_PREFIXES)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -58,6 +101,8 @@ class SecurityHeadersMiddleware:
                 headers.setdefault("Referrer-Policy", "no-referrer")
                 if is_api:
                     headers.setdefault("Cache-Control", "no-store")
+                if is_page and self.page_csp:
+                    headers["Content-Security-Policy"] = self.page_csp
                 for name, value in (state.get(RATE_LIMIT_STATE) or {}).items():
                     headers.setdefault(name, value)
             await send(message)
@@ -130,4 +175,4 @@ def install_security_middleware(app: FastAPI, settings: Settings) -> None:
             allow_credentials=False,
             max_age=600,
         )
-    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware, page_csp=console_csp(settings))
