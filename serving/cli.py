@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import signal
 import sys
 import threading
@@ -197,6 +199,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import get_spec, list_specs
 
     if args.models_command == "list":
+        if args.json:
+            print(json.dumps([dataclasses.asdict(spec) for spec in list_specs()]))
+            return 0
         for spec in list_specs():
             label = " (random weights, for tests and demos)" if spec.is_random else ""
             print(f"{spec.name:12} {spec.hub_id or '-':48} {spec.native_width}x{spec.native_height} "
@@ -286,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list or download models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    models_sub.add_parser("list")
+    models_list = models_sub.add_parser("list", help="the models this service knows")
+    models_list.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
     download = models_sub.add_parser("download", help="fetch a model's weights into the models directory")
     download.add_argument("name", help="a name from `svd-serve models list`")
     download.add_argument("--revision",
@@ -316,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     list_keys = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
     list_keys.add_argument("--owner", help="only this owner's keys")
     list_keys.add_argument("--all", action="store_true", help="include revoked keys")
+    list_keys.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id or prefix")
     revoke.add_argument("key", help="the id or prefix that `keys list` shows")
     keys.set_defaults(func=cmd_keys)

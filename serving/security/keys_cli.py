@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from serving.db.engine import make_engine, make_session_factory
@@ -19,6 +20,13 @@ def _describe(record: ApiKeyRecord) -> str:
             f"{record.created_at:%Y-%m-%d %H:%M}  {state}  {record.name or ''}").rstrip()
 
 
+def _as_json(record: ApiKeyRecord) -> dict[str, object]:
+    return {"id": record.id, "prefix": record.prefix, "ownerId": record.owner_id,
+            "scopes": sorted(scope.value for scope in record.scopes), "name": record.name,
+            "createdAt": record.created_at.isoformat(),
+            "revokedAt": record.revoked_at.isoformat() if record.revoked_at else None, "active": record.active}
+
+
 async def run_keys_command(settings: Settings, args: argparse.Namespace) -> int:
     engine = make_engine(settings.resolved_database_url)
     try:
@@ -30,8 +38,12 @@ async def run_keys_command(settings: Settings, args: argparse.Namespace) -> int:
             print(f"created {_describe(record)}", file=sys.stderr)
             print("store the key now: it is not shown again (only its hash is kept)", file=sys.stderr)
         elif args.keys_command == "list":
-            for record in await repo.list_keys(args.owner, include_revoked=args.all):
-                print(_describe(record))
+            records = await repo.list_keys(args.owner, include_revoked=args.all)
+            if args.json:
+                print(json.dumps([_as_json(record) for record in records]))
+            else:
+                for record in records:
+                    print(_describe(record))
         else:
             print(f"revoked {_describe(await repo.revoke(args.key))}")
         return 0

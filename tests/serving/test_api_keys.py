@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import contextlib
 import io
 import subprocess
@@ -291,6 +293,11 @@ async def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
     listed = cli("keys", "list", cwd=tmp_path, env=env)
     assert listed.returncode == 0 and "acme" in listed.stdout and key not in listed.stdout
     assert key.split("_", 2)[2] not in listed.stdout
+    as_json = cli("keys", "list", "--json", cwd=tmp_path, env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    [entry] = json.loads(as_json.stdout)  # stdout is the JSON alone
+    assert entry["ownerId"] == "acme" and entry["scopes"] == ["read", "submit"] and entry["active"] is True
+    assert entry["name"] == "backend" and key not in as_json.stdout
 
     engine = make_engine(db)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,10 @@ def test_cli_models_list_and_migrate(tmp_path: Path) -> None:
     listing = run_cli("models", "list", cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
     assert "svd-xt" in listing.stdout and "tiny-random" in listing.stdout and "random weights" in listing.stdout
+    as_json = run_cli("models", "list", "--json", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    specs = {spec["name"]: spec for spec in json.loads(as_json.stdout)}
+    assert specs["tiny-random"]["is_random"] is True and specs["svd-xt"]["default_num_frames"] == 25
 
     migrated = run_cli("migrate", cwd=tmp_path)
     assert migrated.returncode == 0, migrated.stderr
