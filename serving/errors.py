@@ -60,10 +60,15 @@ class RunHandedBack(RetryableError):
 
 
 class PermanentError(SvdServeError):
-    """A job failed in a way that retrying will not fix."""
+    """A job failed in a way that retrying will not fix. `gpu_seconds`: the GPU time the failed
+    run still spent (a NaN video took its full denoising loop), charged to the job's owner."""
 
     code = "generation_failed"
     status = 500
+
+    def __init__(self, message: str, *, code: str | None = None, gpu_seconds: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.gpu_seconds = gpu_seconds
 
 
 class JobCanceled(SvdServeError):

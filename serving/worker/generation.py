@@ -287,8 +287,11 @@ class GenerationService:
                     job_span("generate", job_ids[0], batch_size=len(job_ids), model=model):
                 outcomes = pipeline.generate_batch(items)
         except Exception as exc:  # the engine failed as a whole: every member gets the error
-            typed: Exception = PermanentError(str(exc)) if isinstance(exc, NonFiniteOutput) else exc
-            return [typed for _ in requests]
+            if not isinstance(exc, NonFiniteOutput):
+                return [exc for _ in requests]
+            # A NaN video still took its GPU time: each member's share is charged with the failure.
+            spent = share_batch(time.perf_counter() - started, [batch_cost(p) for p in params])
+            return [PermanentError(str(exc), gpu_seconds=share) for share in spent]
         finally:
             self._record_metrics(model, pipeline.device, step_times, batch_size=len(requests))
             handed_back = {r.run_id for r in requests if r.run_id in self._handed_back}
@@ -309,7 +312,7 @@ class GenerationService:
                 results.append(JobCanceled(f"Job {request.job_id} was canceled during generation."))
             elif isinstance(outcome.error, NonFiniteOutput):
                 # The same weights and inputs would give the same NaNs: not worth another attempt.
-                results.append(PermanentError(str(outcome.error)))
+                results.append(PermanentError(str(outcome.error), gpu_seconds=share))
             elif outcome.error is not None or outcome.frames is None:
                 results.append(outcome.error or RuntimeError("the engine returned no frames"))
             else:

@@ -45,6 +45,12 @@ class _CostFields(TypedDict, total=False):
     provider_credits: float | None
 
 
+class _FailureCost(_CostFields, total=False):
+    """What a failed run still cost, set with the error transition (issue #14)."""
+
+    gpu_seconds: float | None
+
+
 class JobRunner:
     """Runs one leased job to a terminal state (or back to the queue for another attempt)."""
 
@@ -131,11 +137,16 @@ class JobRunner:
         runs = max(record.attempts, 1)
         await self._fail(record.id, "worker_lost", f"The job stopped its worker {runs} times ({reason}).")
 
-    def _failure_cost(self, exc: BaseException) -> _CostFields:
-        """A provider task that failed may still have been charged (Runway reports its credits)."""
-        if self._prices is None or not isinstance(exc, ProviderTaskFailed) or exc.credits is None:
+    def _failure_cost(self, exc: PermanentError) -> _FailureCost:
+        """A failed run may still have cost money: a provider's task its credits (Runway reports
+        them), a local run the GPU time it spent (a NaN video ran its whole denoising loop)."""
+        if self._prices is None:
             return {}
-        return {"cost_usd": self._prices.credits_cost(exc.credits), "provider_credits": exc.credits}
+        if isinstance(exc, ProviderTaskFailed) and exc.credits is not None:
+            return {"cost_usd": self._prices.credits_cost(exc.credits), "provider_credits": exc.credits}
+        if exc.gpu_seconds:
+            return {"cost_usd": self._prices.gpu_cost(exc.gpu_seconds), "gpu_seconds": exc.gpu_seconds}
+        return {}
 
     async def _start(self, record: JobRecord) -> JobRecord:
         if record.status is JobStatus.PROCESSING:
@@ -191,7 +202,7 @@ class JobRunner:
             pass  # already canceled by the ingress (the usual case) or gone
         log.info("job_canceled", job_id=job_id)
 
-    async def _fail(self, job_id: str, code: str, message: str, cost: _CostFields | None = None) -> None:
+    async def _fail(self, job_id: str, code: str, message: str, cost: _FailureCost | None = None) -> None:
         try:
             await self._transition(
                 job_id, JobStatus.ERROR, error_code=code, error_message=message[:2000], **(cost or {})

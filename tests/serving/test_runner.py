@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from serving.backend import StageCallback
+from serving.cost import Prices
 from serving.db.engine import make_engine, make_session_factory
 from serving.db.jobs import JobRepository
 from serving.db.migrate import upgrade
@@ -129,6 +130,20 @@ async def test_permanent_error_is_not_retried(env: Env) -> None:
         await env.runner(ScriptedBackend(error=PermanentError("image unreadable"))).handle(QueuedJob(job_id, "o1"), info(1))
     job = await env.jobs.get(job_id)
     assert job is not None and job.status is JobStatus.ERROR and "image unreadable" in (job.error_message or "")
+
+
+async def test_a_failed_local_run_is_charged_its_gpu_time(env: Env) -> None:
+    """A NaN video (PermanentError from the Generator) still spent GPU time: the failed job
+    records it and its cost, so the owner's spend counts failed jobs too (issue #14)."""
+    job_id = await env.new_job()
+    prices = Prices(gpu_hour_usd=3.6, credit_usd=0.01, credits_per_second=5)
+    runner = JobRunner(env.jobs, ScriptedBackend(error=PermanentError("non-finite video", gpu_seconds=2.0)),
+                       env.redis, env.keys, prices=prices)
+    with pytest.raises(PermanentError):
+        await runner.handle(QueuedJob(job_id, "o1"), info(1))
+    job = await env.jobs.get(job_id)
+    assert job is not None and job.status is JobStatus.ERROR
+    assert job.gpu_seconds == 2.0 and job.cost_usd == pytest.approx(0.002)
 
 
 async def test_cancel_during_render_ends_canceled(env: Env) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -184,3 +185,8 @@ def test_non_finite_output_reaches_the_dispatcher_as_a_permanent_error(
         service.generate(GenerationRequest("nan-1", image_key, PARAMS))
     assert type(raised.value) is PermanentError and raised.value.code == "generation_failed"
     assert isinstance(raised.value, SvdServeError) and not isinstance(raised.value, NonFiniteOutput)
+    # The NaN video still ran its denoising loop: the GPU time travels with the error (through
+    # Ray's pickling) so the Dispatcher charges it to the owner.
+    spent = raised.value.gpu_seconds
+    assert spent is not None and spent > 0
+    assert pickle.loads(pickle.dumps(raised.value)).gpu_seconds == spent
