@@ -37,3 +37,11 @@ def canonical(requested: str) -> str:
     """The provider (or `auto`) a requested name means: `pika` -> `fal`."""
     return ALIASES.get(requested, requested)
 
+
+
+def provider_error_code(provider: str, upstream: str | None) -> str:
+    """A provider's own failure code (Runway's `SAFETY.INPUT.IMAGE`, fal's
+    `content_policy_violation`) as one of our error codes (`runway_safety_input_image`)."""
+    if not upstream:
+        return "provider_failed"
+    return (f"{provider}_" + upstream.lower().replace(".", "_").replace("-", "_"))[:64]

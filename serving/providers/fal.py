@@ -38,7 +38,7 @@ from serving.db.jobs import JobRepository
 from serving.errors import JobCanceled, PermanentError, ProviderTaskFailed, RetryableError
 from serving.keys import Keys
 from serving.netguard import UrlPolicy, fetch_public
-from serving.provider_names import FAL
+from serving.provider_names import FAL, provider_error_code
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
 from serving.types import EncodedVideo, JobParams, Rendered, RenderJob, Stage
@@ -114,10 +114,8 @@ def arguments(model: str, settings: Settings, job: RenderJob, image: bytes, prom
 
 
 def failure_error_code(error_type: str | None) -> str:
-    """fal's error_type (`content_policy_violation`) as one of our codes (`fal_content_policy_violation`)."""
-    if not error_type:
-        return "provider_failed"
-    return ("fal_" + error_type.lower().replace(".", "_").replace("-", "_"))[:64]
+    """This provider's failure code as one of ours (`serving.provider_names.provider_error_code`)."""
+    return provider_error_code(PROVIDER, error_type)
 
 
 class FalBackend:

@@ -33,7 +33,7 @@ from serving.db.jobs import JobRepository
 from serving.errors import FetchFailed, JobCanceled, PermanentError, ProviderTaskFailed, RetryableError, UnsafeUrl
 from serving.keys import Keys
 from serving.netguard import UrlPolicy, fetch_public
-from serving.provider_names import RUNWAY
+from serving.provider_names import RUNWAY, provider_error_code
 from serving.settings import Settings
 from serving.storage import ObjectStorage, make_storage
 from serving.types import EncodedVideo, JobParams, Rendered, RenderJob, Stage
@@ -87,10 +87,8 @@ def pick_ratio(model: str, width: int, height: int) -> str:
 
 
 def failure_error_code(failure_code: str | None) -> str:
-    """Runway's failureCode (`SAFETY.INPUT.IMAGE`) as one of our error codes (`runway_safety_input_image`)."""
-    if not failure_code:
-        return "provider_failed"
-    return ("runway_" + failure_code.lower().replace(".", "_").replace("-", "_"))[:64]
+    """This provider's failure code as one of ours (`serving.provider_names.provider_error_code`)."""
+    return provider_error_code(PROVIDER, failure_code)
 
 
 class RunwayBackend:
