@@ -9,13 +9,14 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, BrowserType, Playwright, sync_playwright
 
 from serving.local_stack import free_port
 from tests.e2e.conftest import stop, wait_for
@@ -114,6 +115,42 @@ def console_stack(pg_database_url: str, tmp_path_factory: pytest.TempPathFactory
             stop(procs)
             if any(p.returncode not in (0, -15) for p in procs):
                 sys.stderr.write(worker_log.read_text(errors="replace")[-5000:])
+
+
+# pytest-playwright's sync API keeps an event loop running in this thread from its `playwright`
+# fixture's start to its stop. Its fixtures are session-scoped, so every asyncio test collected
+# after tests/console would find "a running event loop" and fail: these overrides give Playwright
+# and the browser the package's lifetime instead, stopped before the next package starts.
+@pytest.fixture(scope="package")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as pw:
+        yield pw
+
+
+@pytest.fixture(scope="package")
+def browser_type(playwright: Playwright, browser_name: str) -> BrowserType:
+    return cast(BrowserType, getattr(playwright, browser_name))
+
+
+@pytest.fixture(scope="package")
+def launch_browser(browser_type_launch_args: dict[str, Any], browser_type: BrowserType) -> Callable[..., Browser]:
+    def launch(**kwargs: Any) -> Browser:
+        return browser_type.launch(**{**browser_type_launch_args, **kwargs})
+
+    return launch
+
+
+@pytest.fixture(scope="package")
+def browser_context_args(playwright: Playwright, device: str | None) -> dict[str, Any]:
+    """pytest-playwright's (it reads `playwright`), without base URL or video: not used here."""
+    return dict(playwright.devices[device]) if device else {}
+
+
+@pytest.fixture(scope="package")
+def browser(launch_browser: Callable[..., Browser]) -> Iterator[Browser]:
+    launched = launch_browser()
+    yield launched
+    launched.close()
 
 
 @pytest.fixture(scope="session")
