@@ -60,11 +60,14 @@ class JobLifecycle:
         await self.announce(record)
         return record
 
-    async def announce(self, record: JobRecord, *, queue_position: int | None = None) -> None:
+    async def announce(self, record: JobRecord, *, queue_position: int | None = None, repeat: bool = False) -> None:
         """Tell the sink (event stream, outcome webhook) and the metrics about `record`'s state.
-        Both keep one outcome per job, so announcing a terminal state again adds nothing to what
-        clients see (a runner that finds a job already final announces it once more)."""
+        The sink keeps one outcome per job, so announcing a terminal state again adds nothing to
+        what clients see; with `repeat` (a runner that finds a job already final announces it
+        once more) the metrics, which would count it twice, are not told."""
         await self._sink.job_changed(record, queue_position=queue_position)
+        if repeat:
+            return
         if self._metrics is not None and (record.status.terminal or record.stage == RETRYING_STAGE):
             try:
                 await self._metrics.finished(record)

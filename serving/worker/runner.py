@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-STAGE_PROGRESS = {Stage.LOADING: 0.0, Stage.ENCODING: 0.92, Stage.UPLOADING: 0.97, Stage.DONE: 1.0}
-
 
 class _CostFields(TypedDict, total=False):
     """The cost columns `_complete` sets with the completed transition (issue #6)."""
@@ -92,8 +90,8 @@ class JobRunner:
             log.info("job_already_final", job_id=record.id, status=record.status.value)
             # A holder that died between its final transition and telling the sink leaves the
             # job here again: announce once more (the event stream and the webhook outbox
-            # both keep one outcome per job, so a repeat adds nothing).
-            await self._lifecycle.announce(record)
+            # both keep one outcome per job, so a repeat adds nothing); counted once already.
+            await self._lifecycle.announce(record, repeat=True)
             return
         if await self._redis.exists(self._keys.cancel(record.id)):
             await self._finish_canceled(record.id)

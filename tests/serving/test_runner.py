@@ -19,6 +19,8 @@ from serving.db.jobs import JobRepository
 from serving.db.migrate import upgrade
 from serving.errors import JobCanceled, PermanentError, RetryableError
 from serving.keys import Keys
+from serving.metrics import read_worker_metrics
+from serving.observability.job_metrics import JobMetrics
 from serving.queue import ConsumedJobInfo
 from serving.types import JobParams, JobStatus, QueuedJob, RenderJob, RenderOutcome, Stage, StoredObject
 from serving.worker.runner import JobRunner
@@ -183,6 +185,21 @@ async def test_already_final_or_missing_jobs_are_skipped(env: Env) -> None:
     await env.runner(backend).handle(QueuedJob(job_id, "o1"), info(1))
     await env.runner(backend).handle(QueuedJob(str(uuid.uuid4()), "o1"), info(1))
     assert backend.stages == []
+
+
+async def test_a_job_found_already_final_is_announced_but_not_counted_again(env: Env) -> None:
+    """The ingress canceled (and counted) a job a worker had already taken from the queue: the
+    runner announces it once more for the sink, but `svd_jobs_finished_total` keeps one count."""
+    job_id = await env.new_job()
+    metrics = JobMetrics(env.redis, env.keys, gpu_hour_price_usd=1.0)
+    canceled = await env.jobs.transition(job_id, JobStatus.CANCELED)
+    await metrics.finished(canceled)  # the ingress's count
+    runner = JobRunner(env.jobs, ScriptedBackend(), env.redis, env.keys, metrics=metrics)
+    await runner.handle(QueuedJob(job_id, "o1"), info(1))
+    families = await read_worker_metrics(env.redis, env.keys)
+    finished = [s.value for f in families for s in f.samples
+                if s.name == "svd_jobs_finished_total" and s.labels["status"] == "canceled"]
+    assert finished == [1.0]
 
 
 async def test_job_left_processing_by_a_dead_worker_is_taken_over(env: Env) -> None:
