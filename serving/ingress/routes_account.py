@@ -33,7 +33,7 @@ async def estimate_cost(request: Request, services: ServicesDep, owner: OwnerDep
     like a submission (the same 422 answers); nothing is created or reserved."""
     options = await read_options(request)
     params = resolve_params(options, services.settings.default_model)
-    check_provider(services.settings, options.provider)
+    check_provider(services.settings, options.provider, options.prompt)
     expected = job_estimate(services.settings, params, options.provider)
     shown = params.to_json()
     if options.seed is None:

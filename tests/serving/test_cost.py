@@ -257,3 +257,9 @@ async def test_ingress_takes_fal_only_with_a_key_and_pika_only_with_a_prompt(ing
     without = await submit(ingress, provider=provider)
     assert without.status_code == 422 and without.json()["code"] == "prompt_required"
     assert "prompt" in without.json()["detail"]
+    # The estimate endpoint refuses it the same way (it validates like a submission).
+    estimate = await ingress.client.post("/api/v1/estimate", json={"provider": provider, "numFrames": 4})
+    assert estimate.status_code == 422 and estimate.json()["code"] == "prompt_required"
+    assert estimate.json()["detail"] == without.json()["detail"]
+    priced = await ingress.client.post("/api/v1/estimate", json={"provider": provider, "numFrames": 4, "prompt": "waves"})
+    assert priced.status_code == 200 and priced.json()["estimatedCostUsd"] == pytest.approx(0.20)
