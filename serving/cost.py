@@ -269,6 +269,11 @@ class Budgets:
         return self.budget_for(owner_id) * self._soft_fraction
 
     @property
+    def alerts(self) -> BudgetAlertSink | None:
+        """Where budget levels are reported (the `budget.threshold` webhook), if anywhere."""
+        return self._alerts
+
+    @property
     def named_owners(self) -> frozenset[str]:
         """Owners with a budget of their own (SVD_SERVE_OWNER_BUDGETS_USD)."""
         return frozenset(self._overrides)

@@ -2,12 +2,14 @@
 posted to `SVD_SERVE_BUDGET_WEBHOOK_URL` the first time in a UTC month that an owner's committed
 spending reaches the soft limit, and again when it reaches the budget.
 
-Sent while the submission that crossed the level is admitted (once per owner, level and month; a
-failed send is tried again by the next submission that crosses it), so it needs no outbox.
+Sent in the background when a submission crosses the level (once per owner, level and month; a
+failed send is tried again by the next submission that crosses it), so it needs no outbox and the
+submission, which holds its owner's budget lock, never waits on the receiver.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
@@ -40,6 +42,7 @@ class BudgetWebhook:
         self._http = http
         self._redis = redis
         self._keys = keys
+        self._sending: set[asyncio.Task[None]] = set()  # sends under way (kept referenced)
 
     async def threshold_reached(
         self, owner_id: str, level: BudgetLevel, *, committed_usd: float, budget_usd: float
@@ -62,15 +65,27 @@ class BudgetWebhook:
             },
         })
         headers = {**self._signer.headers(message_id, body, now), "content-type": "application/json"}
+        task = asyncio.create_task(self._send(mark, body, headers), name=f"budget-webhook-{owner_id}")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, mark: str, body: str, headers: dict[str, str]) -> None:
         try:
             response = await self._http.post(self._url, content=body, headers=headers)
             response.raise_for_status()
-        except Exception:
+        except Exception as exc:  # logged, never raised: nobody awaits this task
             await self._redis.delete(mark)  # the next crossing submission tries again
-            raise
-        log.info("budget_webhook_sent", owner_id=owner_id, level=level.value, month=month)
+            log.warning("budget_webhook_failed", mark=mark, error=repr(exc))
+            return
+        log.info("budget_webhook_sent", mark=mark)
+
+    async def settle(self) -> None:
+        """Wait for the sends under way (at shutdown, and in tests)."""
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
 
     async def aclose(self) -> None:
+        await self.settle()
         await self._http.aclose()
 
 
