@@ -135,6 +135,10 @@ async def _accept_as(
             if await services.queue.remove(job_id):
                 raise  # out of the queue again: undo the row and the input
             # else a worker has it already: keep the job
+        except Exception as exc:
+            # The job is in the queue and a worker may hold it: undoing its row and input now
+            # would orphan it. The confirmation only re-checks the queue's bound: keep the job.
+            log.warning("queue_admission_unconfirmed", job_id=job_id, error=repr(exc))
         undo.pop_all()
     log.info("job_accepted", job_id=job_id, owner_id=owner_id, model=params.model, source=submission.source)
     await lifecycle.announce(record, queue_position=await _position(services, job_id))
