@@ -5,7 +5,9 @@ change a job only through a `JobLifecycle`, which does, in this order: the guard
 job store (`JobRepository`, which refuses a second terminal state), the event and outcome webhook
 (`JobEventSink`), and the job metrics (`JobMetrics`). Progress goes to the row and through the
 one progress writer (`serving.progress`). Nothing else tells the sink or counts a finished job,
-so the three cannot drift apart.
+so the three cannot drift apart. One write bypasses it on purpose: a drain's hand-back
+(`serving.worker.drain.requeue_in_store`) only puts the row back to `queued` (no outcome, nothing
+to count); the next attempt's start announces the job again.
 """
 
 from __future__ import annotations
