@@ -275,37 +275,24 @@ class JobQueue:
 
     async def stats(self, window_s: float, priorities: Collection[int] = (1, 2, 3)) -> QueueStats:
         """Depth per priority, active, delayed, throughput over `window_s` and the oldest wait."""
+        waiting = await self.waiting(priorities)
         keys = self._queue.keys
-        now_ms = time.time() * 1000
-        since = now_ms - window_s * 1000
+        since = time.time() * 1000 - window_s * 1000
         async with self._queue.client.pipeline(transaction=True) as pipe:
-            pipe.llen(keys["wait"])
-            for priority in priorities:
-                pipe.zcount(keys["prioritized"], *_score_range(priority))
             pipe.llen(keys["active"])
             pipe.zcard(keys["delayed"])
             # Finished sets are scored by finishedOn (ms).
             pipe.zcount(keys["completed"], since, "+inf")
             pipe.zcount(keys["failed"], since, "+inf")
-            pipe.lindex(keys["wait"], -1)  # the right end is served first: the oldest
-            for priority in priorities:
-                # FIFO within a priority: its first member is its oldest.
-                pipe.zrangebyscore(keys["prioritized"], *_score_range(priority), start=0, num=1)
-            raw = await pipe.execute()
-        count = len(priorities)
-        wait_len, *by_priority = raw[: 1 + count]
-        active, delayed, completed, failed, oldest_plain = raw[1 + count: 6 + count]
-        heads = [oldest_plain, *(head for firsts in raw[6 + count:] for head in firsts)]
-        stamps = [await self._queue.client.hget(self._queue.toKey(str(h)), "timestamp") for h in heads if h]
-        ages = [max(0.0, (now_ms - float(ts)) / 1000) for ts in stamps if ts]
+            active, delayed, completed, failed = await pipe.execute()
         return QueueStats(
-            waiting_by_priority=dict(zip(priorities, (int(n) for n in by_priority), strict=True)),
-            waiting_unprioritized=int(wait_len),
+            waiting_by_priority={priority: waiting[priority].count for priority in priorities},
+            waiting_unprioritized=waiting[None].count,
             active=int(active),
             delayed=int(delayed),
             finished_in_window=int(completed) + int(failed),
             window_s=window_s,
-            oldest_waiting_age_s=max(ages, default=0.0),
+            oldest_waiting_age_s=max((line.oldest_age_s for line in waiting.values()), default=0.0),
         )
 
     async def obliterate(self) -> None:
