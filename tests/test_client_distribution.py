@@ -4,24 +4,15 @@ never the server's torch, Ray, diffusers or FastAPI."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-CLIENT = Path(__file__).resolve().parents[1] / "clients" / "python"
+from tests.client_venv import client_venv
+
 SERVER_ONLY = {"torch", "ray", "diffusers", "transformers", "fastapi", "numpy", "svd-serve"}
 
 
 def test_the_client_installs_without_the_server_stack(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    # The client's wheel, built from the checkout (setuptools is already in this environment).
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(CLIENT)], check=True, timeout=300)
-    (wheel,) = wheels.glob("svd_serve_client-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=600)
-
+    python = client_venv(tmp_path)
     listed = subprocess.run([str(python), "-m", "pip", "list", "--format", "freeze"], check=True,
                             capture_output=True, text=True).stdout
     installed = {line.split("==")[0].lower().replace("_", "-") for line in listed.splitlines()}
