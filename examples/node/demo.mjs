@@ -23,7 +23,7 @@ server.on('request', createApp({
   onWebhook: (id, message) => webhookArrived({ id, type: message.type, jobId: message.data.jobId }),
 }));
 
-const upload = await fetch(`${base}/videos?numFrames=4&numInferenceSteps=2&width=128&height=64&seed=5`, {
+const upload = await fetch(`${base}/videos?numFrames=4&numInferenceSteps=2&width=128&height=64&seed=5&cache=false`, {
   method: 'POST', headers: { 'Content-Type': 'image/png' }, body: image,
 });
 if (upload.status !== 202) throw new Error(`upload: ${upload.status} ${await upload.text()}`);

@@ -23,7 +23,7 @@ import hashlib, json, sys
 from svd_serve_client import Client, NotFoundError
 events = []
 with Client() as client:
-    info = client.run(sys.argv[1], seed=5, cache=False, num_frames=4, num_inference_steps=2,
+    info = client.run(sys.argv[1], seed=7, cache=False, num_frames=4, num_inference_steps=2,
                       width=128, height=64, on_event=lambda e: events.append(e.type), timeout=300)
     video = client.download(info, sys.argv[2])
     try:
